@@ -1,0 +1,66 @@
+"""Names shared by the whole operator: API coordinates, labels, annotations, reasons, defaults."""
+
+from __future__ import annotations
+
+GROUP = "autotek.io"
+VERSION = "v1alpha1"
+PLURAL = "autotekcredentials"
+KIND = "AutoTekCredential"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MANAGER = "autotek-operator"
+
+# Target Secret metadata.
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANN_CREDENTIAL = "autotek.io/credential"
+ANN_EXPIRES_AT = "autotek.io/expires-at"
+ANN_REFRESHED_AT = "autotek.io/refreshed-at"
+# On the AutoTekCredential: a new value asks for a new token now.
+ANN_REFRESH_REQUESTED_AT = "autotek.io/refresh-requested-at"
+
+# Target Secret keys.
+KEY_ACCESS_TOKEN = "access_token"
+KEY_TOKEN_TYPE = "token_type"
+KEY_AUTHORIZATION = "authorization"
+KEY_EXPIRES_AT = "expires_at"
+KEY_SCOPE = "scope"
+TOKEN_KEYS = (KEY_ACCESS_TOKEN, KEY_TOKEN_TYPE, KEY_AUTHORIZATION, KEY_EXPIRES_AT, KEY_SCOPE)
+
+# The Ready condition.
+CONDITION_READY = "Ready"
+REASON_TOKEN_ISSUED = "TokenIssued"
+REASON_PENDING = "Pending"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_CLIENT_SECRET_NOT_FOUND = "ClientSecretNotFound"
+REASON_CLIENT_SECRET_KEY_MISSING = "ClientSecretKeyMissing"
+REASON_TOKEN_URL_NOT_ALLOWED = "TokenURLNotAllowed"
+REASON_INVALID_CLIENT = "InvalidClient"
+REASON_RATE_LIMITED = "RateLimited"
+REASON_TOKEN_ENDPOINT_UNAVAILABLE = "TokenEndpointUnavailable"
+REASON_INVALID_TOKEN_RESPONSE = "InvalidTokenResponse"
+REASON_TARGET_CONFLICT = "TargetConflict"
+REASON_TARGET_NOT_FOUND = "TargetNotFound"
+REASON_EXPIRED = "Expired"
+
+# Event reasons (besides the failure reasons above, which Warning Events reuse).
+EVENT_ISSUED = "TokenIssued"
+EVENT_ROTATED = "TokenRotated"
+EVENT_RESTORED = "SecretRestored"
+EVENT_DEFAULT_LIFETIME = "DefaultLifetimeUsed"
+EVENT_EXPIRED = "TokenExpired"
+
+# Defaults from the product contract.
+DEFAULT_TOKEN_URL = "https://api.autograb.com.au/auth-broker/request-token"
+DEFAULT_ALLOWED_TOKEN_URLS = ("https://api.autograb.com.au/",)
+DEFAULT_RENEW_BEFORE_PERCENTAGE = 33
+DEFAULT_LIFETIME_SECONDS = 15 * 60
+DEFAULT_CLIENT_ID_KEY = "client_id"
+DEFAULT_CLIENT_SECRET_KEY = "client_secret"
+
+# AutoTek's own troubleshooting list, repeated wherever the broker refuses the credentials.
+TROUBLESHOOTING_HINTS = (
+    "check that client_id and client_secret are correct and belong to the same client",
+    "check that the Authorization header is 'Basic base64(client_id:client_secret)'",
+    "check that the request is sent as application/x-www-form-urlencoded",
+    "check that the body is grant_type=client_credentials",
+)

@@ -1,0 +1,248 @@
+"""The AutoTekCredential spec, parsed into typed, frozen objects.
+
+The CRD schema already rejects most bad input on a real API server; this parser checks the
+same rules again so that a resource that slipped past (an old CRD, an emulator) still ends in
+a clear ``InvalidSpec`` instead of a crash.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import constants as c
+from .errors import InvalidSpec
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_FULL = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_RESERVED_PARAMS = frozenset({"grant_type", "scope", "client_id", "client_secret"})
+
+AUTH_BASIC = "ClientSecretBasic"
+AUTH_POST = "ClientSecretPost"
+CREATION_OWNER = "Owner"
+CREATION_MERGE = "Merge"
+DELETION_DELETE = "Delete"
+DELETION_RETAIN = "Retain"
+RESTART_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+
+MIN_DEFAULT_LIFETIME = 10.0
+
+
+def parse_duration(value: str) -> float:
+    """Parse a Go-style duration such as ``10m``, ``1h30m`` or ``90s`` into seconds."""
+    if not isinstance(value, str) or not _DURATION_FULL.match(value):
+        raise InvalidSpec(f"{value!r} is not a duration (use forms like 90s, 10m, 1h30m)")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+
+
+@dataclass(frozen=True)
+class ClientSecretRef:
+    name: str
+    client_id_key: str = c.DEFAULT_CLIENT_ID_KEY
+    client_secret_key: str = c.DEFAULT_CLIENT_SECRET_KEY
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    creation_policy: str = CREATION_OWNER
+    deletion_policy: str = DELETION_DELETE
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    renew_before_percentage: float | None = None
+    renew_before: float | None = None
+    default_lifetime: float = float(c.DEFAULT_LIFETIME_SECONDS)
+
+    @property
+    def effective_percentage(self) -> float | None:
+        """The percentage to use, or None when an absolute ``renewBefore`` applies."""
+        if self.renew_before is not None:
+            return None
+        if self.renew_before_percentage is None:
+            return float(c.DEFAULT_RENEW_BEFORE_PERCENTAGE)
+        return self.renew_before_percentage
+
+
+@dataclass(frozen=True)
+class RestartTarget:
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CredentialSpec:
+    client_secret_ref: ClientSecretRef
+    target: Target
+    token_url: str = c.DEFAULT_TOKEN_URL
+    client_auth_method: str = AUTH_BASIC
+    scope: str = ""
+    extra_params: tuple[tuple[str, str], ...] = ()
+    ca_bundle: str = ""
+    refresh: Refresh = field(default_factory=Refresh)
+    rollout_restart_targets: tuple[RestartTarget, ...] = ()
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidSpec(f"{where} must be an object")
+    return value
+
+
+def _string(obj: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if value is None:
+        raise InvalidSpec(f"{where}.{key} is required")
+    if not isinstance(value, str):
+        raise InvalidSpec(f"{where}.{key} must be a string")
+    return value
+
+
+def _string_map(value: Any, where: str) -> dict[str, str]:
+    m = _mapping(value, where)
+    out: dict[str, str] = {}
+    for k, v in m.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidSpec(f"{where} must map strings to strings")
+        out[k] = v
+    return out
+
+
+def _enum(value: str, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise InvalidSpec(f"{where} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _dns_name(value: str, where: str) -> str:
+    if not value or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        raise InvalidSpec(f"{where} {value!r} is not a valid Kubernetes object name")
+    return value
+
+
+def _secret_key(value: str, where: str) -> str:
+    if not value or len(value) > 253 or not _SECRET_KEY.match(value):
+        raise InvalidSpec(f"{where} {value!r} is not a valid Secret key")
+    return value
+
+
+def _token_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise InvalidSpec("spec.tokenURL must be an absolute http(s) URL")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidSpec("spec.tokenURL must not carry credentials in the URL")
+    if parts.fragment:
+        raise InvalidSpec("spec.tokenURL must not have a fragment")
+    return value
+
+
+def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
+    """Turn a raw ``spec`` (as the API returns it) into a CredentialSpec, or raise InvalidSpec."""
+    s = _mapping(spec, "spec")
+
+    ref_raw = s.get("clientSecretRef")
+    if ref_raw is None:
+        raise InvalidSpec("spec.clientSecretRef is required")
+    ref = _mapping(ref_raw, "spec.clientSecretRef")
+    if "namespace" in ref:
+        raise InvalidSpec("spec.clientSecretRef has no namespace field: the Secret must be in the same namespace")
+    client_secret_ref = ClientSecretRef(
+        name=_dns_name(_string(ref, "name", "spec.clientSecretRef"), "spec.clientSecretRef.name"),
+        client_id_key=_secret_key(
+            _string(ref, "clientIdKey", "spec.clientSecretRef", c.DEFAULT_CLIENT_ID_KEY),
+            "spec.clientSecretRef.clientIdKey",
+        ),
+        client_secret_key=_secret_key(
+            _string(ref, "clientSecretKey", "spec.clientSecretRef", c.DEFAULT_CLIENT_SECRET_KEY),
+            "spec.clientSecretRef.clientSecretKey",
+        ),
+    )
+
+    token_url = _token_url(_string(s, "tokenURL", "spec", c.DEFAULT_TOKEN_URL))
+    auth_method = _enum(
+        _string(s, "clientAuthMethod", "spec", AUTH_BASIC), (AUTH_BASIC, AUTH_POST), "spec.clientAuthMethod"
+    )
+    scope = _string(s, "scope", "spec", "")
+    extra = _string_map(s.get("extraParams"), "spec.extraParams")
+    reserved = sorted(_RESERVED_PARAMS.intersection(extra))
+    if reserved:
+        raise InvalidSpec(f"spec.extraParams must not set {', '.join(reserved)}")
+    ca_bundle = _string(s, "caBundle", "spec", "")
+    if ca_bundle and "-----BEGIN CERTIFICATE-----" not in ca_bundle:
+        raise InvalidSpec("spec.caBundle must hold PEM certificates")
+
+    t = _mapping(s.get("target"), "spec.target")
+    template = _mapping(t.get("template"), "spec.target.template")
+    target = Target(
+        name=_dns_name(_string(t, "name", "spec.target", name), "spec.target.name"),
+        creation_policy=_enum(
+            _string(t, "creationPolicy", "spec.target", CREATION_OWNER),
+            (CREATION_OWNER, CREATION_MERGE),
+            "spec.target.creationPolicy",
+        ),
+        deletion_policy=_enum(
+            _string(t, "deletionPolicy", "spec.target", DELETION_DELETE),
+            (DELETION_DELETE, DELETION_RETAIN),
+            "spec.target.deletionPolicy",
+        ),
+        labels=_string_map(template.get("labels"), "spec.target.template.labels"),
+        annotations=_string_map(template.get("annotations"), "spec.target.template.annotations"),
+    )
+
+    r = _mapping(s.get("refresh"), "spec.refresh")
+    pct_raw = r.get("renewBeforePercentage")
+    before_raw = r.get("renewBefore")
+    if pct_raw is not None and before_raw is not None:
+        raise InvalidSpec("spec.refresh.renewBeforePercentage and spec.refresh.renewBefore are mutually exclusive")
+    pct: float | None = None
+    if pct_raw is not None:
+        if isinstance(pct_raw, bool) or not isinstance(pct_raw, int | float) or not 1 <= pct_raw <= 99:
+            raise InvalidSpec("spec.refresh.renewBeforePercentage must be a number from 1 to 99")
+        pct = float(pct_raw)
+    before: float | None = None
+    if before_raw is not None:
+        before = parse_duration(before_raw)
+        if before <= 0:
+            raise InvalidSpec("spec.refresh.renewBefore must be longer than zero")
+    default_lifetime = parse_duration(r.get("defaultLifetime", "15m"))
+    if default_lifetime < MIN_DEFAULT_LIFETIME:
+        raise InvalidSpec("spec.refresh.defaultLifetime must be at least 10s")
+    refresh = Refresh(renew_before_percentage=pct, renew_before=before, default_lifetime=default_lifetime)
+
+    restart_raw = s.get("rolloutRestartTargets") or []
+    if not isinstance(restart_raw, list):
+        raise InvalidSpec("spec.rolloutRestartTargets must be a list")
+    restarts = []
+    for i, item in enumerate(restart_raw):
+        where = f"spec.rolloutRestartTargets[{i}]"
+        m = _mapping(item, where)
+        restarts.append(
+            RestartTarget(
+                kind=_enum(_string(m, "kind", where), RESTART_KINDS, f"{where}.kind"),
+                name=_dns_name(_string(m, "name", where), f"{where}.name"),
+            )
+        )
+
+    return CredentialSpec(
+        client_secret_ref=client_secret_ref,
+        target=target,
+        token_url=token_url,
+        client_auth_method=auth_method,
+        scope=scope,
+        extra_params=tuple(sorted(extra.items())),
+        ca_bundle=ca_bundle,
+        refresh=refresh,
+        rollout_restart_targets=tuple(restarts),
+    )

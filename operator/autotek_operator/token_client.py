@@ -1,0 +1,413 @@
+"""The OAuth 2.0 client-credentials exchange (RFC 6749 §4.4) over ``requests``.
+
+Errors are classified once, here, where the I/O happens: every failure leaves this module as an
+``AutoTekError`` subclass whose message was written by us (never the text of a ``requests``
+exception, which can echo URLs and headers), so no secret can leak through it.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import json
+import math
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote_plus, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from . import errors
+from .spec import AUTH_BASIC
+
+MAX_BODY_BYTES = 1024 * 1024
+CREDENTIAL_ERRORS = frozenset({"invalid_client", "invalid_grant", "unauthorized_client"})
+TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """Everything needed for one exchange. The secret is kept out of repr()."""
+
+    token_url: str
+    client_id: str = field(repr=False)
+    client_secret: str = field(repr=False)
+    auth_method: str = AUTH_BASIC
+    scope: str = ""
+    extra_params: tuple[tuple[str, str], ...] = ()
+    ca_bundle: str = field(default="", repr=False)
+    default_lifetime: float = 900.0
+
+    def fingerprint(self) -> str:
+        """A stable digest of every field, for telling identical clients apart (never logged)."""
+        h = hashlib.sha256()
+        for part in (
+            self.token_url,
+            self.client_id,
+            self.client_secret,
+            self.auth_method,
+            self.scope,
+            repr(self.extra_params),
+            self.ca_bundle,
+            repr(self.default_lifetime),
+        ):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token as the endpoint issued it. The token itself is kept out of repr()."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    lifetime: float
+    scope: str | None = None
+    sent_at: datetime | None = None
+    lifetime_defaulted: bool = False
+
+
+def safe_url(url: str) -> str:
+    """The URL without userinfo, query or fragment: safe to show in messages."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{p.port}" if p.port else ""
+    return f"{p.scheme}://{host}{port}{p.path}"
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def url_allowed(url: str, allowed_prefixes: Iterable[str]) -> bool:
+    """Whether ``url`` falls under one of the allowed prefixes.
+
+    Compared part by part (scheme, host, port, then path on a segment boundary), so that
+    ``https://api.example.com`` does not also allow ``https://api.example.com.evil.net``.
+    """
+    try:
+        u = urlsplit(url)
+        u_port = u.port or _default_port(u.scheme)
+    except ValueError:
+        return False
+    if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password:
+        return False
+    for prefix in allowed_prefixes:
+        try:
+            p = urlsplit(prefix)
+            p_port = p.port or _default_port(p.scheme)
+        except ValueError:
+            continue
+        if p.scheme != u.scheme or (p.hostname or "") != u.hostname or p_port != u_port:
+            continue
+        base = p.path or "/"
+        path = u.path or "/"
+        if base.endswith("/"):
+            if path.startswith(base) or path + "/" == base:
+                return True
+        elif path == base or path.startswith(base + "/"):
+            return True
+    return False
+
+
+def _parse_retry_after(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _parse_lifetime(raw: Any, default_lifetime: float) -> tuple[float, bool]:
+    if raw is None:
+        return default_lifetime, True
+    if isinstance(raw, bool):
+        raise errors.InvalidTokenResponse("expires_in is not a number")
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise errors.InvalidTokenResponse("expires_in is not a number") from None
+    else:
+        raise errors.InvalidTokenResponse("expires_in is not a number")
+    if not math.isfinite(value):
+        raise errors.InvalidTokenResponse("expires_in is not a finite number")
+    if value <= 0:
+        raise errors.InvalidTokenResponse("expires_in is zero or negative")
+    return value, False
+
+
+def _oauth_error(body: bytes) -> tuple[str | None, str | None]:
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    code = doc.get("error")
+    desc = doc.get("error_description")
+    return (
+        code if isinstance(code, str) else None,
+        desc if isinstance(desc, str) else None,
+    )
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def parse_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    default_lifetime: float,
+    now: float,
+    secrets: Iterable[str] = (),
+) -> Token:
+    """Turn an HTTP answer from a token endpoint into a Token, or raise a typed error."""
+    secrets = tuple(secrets)
+    retry_after = _parse_retry_after(headers.get("Retry-After"), now)
+    if status == 200:
+        try:
+            doc = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise errors.InvalidTokenResponse("the token endpoint answered 200 with a body that is not JSON") from None
+        if not isinstance(doc, dict):
+            raise errors.InvalidTokenResponse("the token endpoint answered 200 with JSON that is not an object")
+        access_token = doc.get("access_token")
+        if not isinstance(access_token, str) or not access_token.strip():
+            raise errors.InvalidTokenResponse("the token response has no access_token")
+        token_type = doc.get("token_type", "bearer")
+        if not isinstance(token_type, str) or not token_type.strip():
+            raise errors.InvalidTokenResponse("the token response has an invalid token_type")
+        lifetime, defaulted = _parse_lifetime(doc.get("expires_in"), default_lifetime)
+        scope = doc.get("scope")
+        if scope is not None and not isinstance(scope, str):
+            raise errors.InvalidTokenResponse("the token response has a scope that is not a string")
+        return Token(
+            access_token=access_token,
+            token_type=token_type,
+            lifetime=lifetime,
+            scope=scope,
+            lifetime_defaulted=defaulted,
+        )
+
+    code, desc = _oauth_error(body)
+    detail = f"HTTP {status}"
+    if code:
+        detail += f", error={_scrub(code, secrets)[:100]}"
+    if desc:
+        detail += f": {_scrub(desc, secrets)[:300]}"
+    if status == 429:
+        raise errors.RateLimited(f"the token endpoint is rate limiting ({detail})", retry_after=retry_after,
+                                 oauth_error=code)
+    if status >= 500 or code in TRANSIENT_ERRORS:
+        raise errors.TokenEndpointUnavailable(f"the token endpoint failed ({detail})", retry_after=retry_after,
+                                              oauth_error=code)
+    if status in (401, 403) or (status == 400 and (code in CREDENTIAL_ERRORS or code is None)):
+        raise errors.InvalidClient(f"the token endpoint refused the client credentials ({detail})", oauth_error=code)
+    if status == 400:
+        raise errors.InvalidClient(f"the token endpoint rejected the request ({detail})", oauth_error=code)
+    if 300 <= status < 400:
+        raise errors.InvalidTokenResponse(f"the token endpoint redirected ({detail}); redirects are not followed")
+    raise errors.InvalidTokenResponse(f"the token endpoint answered {detail}", oauth_error=code)
+
+
+def basic_authorization(client_id: str, client_secret: str) -> str:
+    """RFC 6749 §2.3.1: form-urlencode id and secret, then base64 ``id:secret``."""
+    raw = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+class _PinnedCAAdapter(HTTPAdapter):
+    """An adapter that verifies servers against one CA bundle only (``spec.caBundle``)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        pool_kwargs["ssl_context"] = self._context
+        return host_params, pool_kwargs
+
+
+class TokenClient:
+    """Performs token requests: allow-list, TLS, timeouts, body cap, global concurrency bound."""
+
+    def __init__(
+        self,
+        *,
+        allowed_prefixes: Iterable[str],
+        timeout: float = 10.0,
+        max_concurrent: int = 8,
+        clock: Callable[[], datetime],
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.allowed_prefixes = tuple(allowed_prefixes)
+        self.timeout = timeout
+        self.max_body = max_body
+        self._clock = clock
+        self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
+        self._local = threading.local()
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts_lock = threading.Lock()
+        #: Called after each attempt with (result class, seconds); wired to metrics.
+        self.observer: Callable[[str, float], None] | None = None
+
+    def check_allowed(self, url: str) -> None:
+        if not url_allowed(url, self.allowed_prefixes):
+            raise errors.TokenURLNotAllowed(
+                f"token URL {safe_url(url)} is not allowed by this operator's AUTOTEK_ALLOWED_TOKEN_URLS"
+            )
+
+    def _context_for(self, ca_bundle: str) -> ssl.SSLContext:
+        key = hashlib.sha256(ca_bundle.encode()).hexdigest()
+        with self._contexts_lock:
+            ctx = self._contexts.get(key)
+            if ctx is None:
+                try:
+                    ctx = ssl.create_default_context(cadata=ca_bundle)
+                except (ssl.SSLError, ValueError):
+                    raise errors.InvalidSpec("spec.caBundle could not be loaded as PEM certificates") from None
+                self._contexts[key] = ctx
+            return ctx
+
+    def _session(self, ca_bundle: str) -> requests.Session:
+        # One session per worker thread and CA bundle: sessions are not thread-safe.
+        sessions: dict[str, requests.Session] | None = getattr(self._local, "sessions", None)
+        if sessions is None:
+            sessions = {}
+            self._local.sessions = sessions
+        key = hashlib.sha256(ca_bundle.encode()).hexdigest() if ca_bundle else ""
+        session = sessions.get(key)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies or netrc credentials picked up from the environment
+            if ca_bundle:
+                session.mount("https://", _PinnedCAAdapter(self._context_for(ca_bundle)))
+            sessions[key] = session
+        return session
+
+    def request(self, req: TokenRequest) -> Token:
+        """Exchange the client credentials for a token, or raise a typed AutoTekError."""
+        self.check_allowed(req.token_url)
+        session = self._session(req.ca_bundle)
+        form: list[tuple[str, str]] = [("grant_type", "client_credentials")]
+        if req.scope:
+            form.append(("scope", req.scope))
+        form.extend(req.extra_params)
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "User-Agent": "autotek-operator",
+        }
+        if req.auth_method == AUTH_BASIC:
+            headers["Authorization"] = basic_authorization(req.client_id, req.client_secret)
+        else:
+            form.extend([("client_id", req.client_id), ("client_secret", req.client_secret)])
+        secrets = (req.client_secret, req.client_id) if req.client_secret else ()
+        where = safe_url(req.token_url)
+        with self._slots:
+            sent_at = self._clock()
+            started = time.monotonic()
+            result = "error"
+            try:
+                status, resp_headers, body = self._post(session, req.token_url, form, headers, where)
+                token = parse_response(
+                    status,
+                    resp_headers,
+                    body,
+                    default_lifetime=req.default_lifetime,
+                    now=time.time(),
+                    secrets=secrets,
+                )
+                result = "success"
+                return Token(
+                    access_token=token.access_token,
+                    token_type=token.token_type,
+                    lifetime=token.lifetime,
+                    scope=token.scope,
+                    sent_at=sent_at,
+                    lifetime_defaulted=token.lifetime_defaulted,
+                )
+            except errors.AutoTekError as exc:
+                result = exc.reason
+                raise
+            finally:
+                if self.observer is not None:
+                    self.observer(result, time.monotonic() - started)
+
+    def _post(
+        self,
+        session: requests.Session,
+        url: str,
+        form: list[tuple[str, str]],
+        headers: dict[str, str],
+        where: str,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        deadline = time.monotonic() + self.timeout * 2
+        try:
+            resp = session.post(
+                url,
+                data=form,
+                headers=headers,
+                timeout=(self.timeout, self.timeout),
+                allow_redirects=False,
+                stream=True,
+                verify=True,
+            )
+        except requests.exceptions.SSLError:
+            raise errors.TokenEndpointUnavailable(f"TLS verification with {where} failed") from None
+        except requests.exceptions.Timeout:
+            raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out") from None
+        except requests.exceptions.ConnectionError:
+            raise errors.TokenEndpointUnavailable(f"could not connect to the token endpoint {where}") from None
+        except requests.exceptions.RequestException:
+            raise errors.TokenEndpointUnavailable(f"the request to the token endpoint {where} failed") from None
+        try:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                raise errors.InvalidTokenResponse(
+                    f"the token endpoint's answer is larger than {self.max_body} bytes; refused unread"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                for chunk in resp.iter_content(chunk_size=65536):
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise errors.InvalidTokenResponse(
+                            f"the token endpoint's answer is larger than {self.max_body} bytes; refused"
+                        )
+                    if time.monotonic() > deadline:
+                        raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
+                    chunks.append(chunk)
+            except requests.exceptions.RequestException:
+                raise errors.TokenEndpointUnavailable(f"reading the answer from {where} failed") from None
+            return resp.status_code, resp.headers, b"".join(chunks)
+        finally:
+            resp.close()
