@@ -58,8 +58,8 @@ def refresh_time(issued_at: datetime, lifetime: float, refresh: Refresh, rand: R
     lifetime = clamp_lifetime(lifetime)
     window = renew_window(lifetime, refresh)
     jitter = rand() * min(JITTER_FRACTION * window, MAX_JITTER_SECONDS)
-    offset = lifetime - window - jitter
-    offset = min(offset, MAX_SCHEDULE_SECONDS)
+    # Cap first, then jitter, so that very long-lived tokens still spread out.
+    offset = min(lifetime - window, MAX_SCHEDULE_SECONDS) - jitter
     offset = max(offset, FLOOR_SECONDS)
     return issued_at + timedelta(seconds=offset)
 

@@ -34,10 +34,10 @@ RESTART_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 MIN_DEFAULT_LIFETIME = 10.0
 
 
-def parse_duration(value: str) -> float:
+def parse_duration(value: object, where: str = "duration") -> float:
     """Parse a Go-style duration such as ``10m``, ``1h30m`` or ``90s`` into seconds."""
-    if not isinstance(value, str) or not _DURATION_FULL.match(value):
-        raise InvalidSpec(f"{value!r} is not a duration (use forms like 90s, 10m, 1h30m)")
+    if not isinstance(value, str) or not _DURATION_FULL.fullmatch(value):
+        raise InvalidSpec(f"{where} {value!r} is not a duration (use forms like 90s, 10m, 1h30m)")
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
 
 
@@ -101,7 +101,10 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
 
 
 def _string(obj: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
-    value = obj.get(key, default)
+    value = obj.get(key)
+    if value is None:
+        # An explicit null means "not set", as the API server's pruning would leave it.
+        value = default
     if value is None:
         raise InvalidSpec(f"{where}.{key} is required")
     if not isinstance(value, str):
@@ -126,19 +129,23 @@ def _enum(value: str, allowed: tuple[str, ...], where: str) -> str:
 
 
 def _dns_name(value: str, where: str) -> str:
-    if not value or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+    if not value or len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise InvalidSpec(f"{where} {value!r} is not a valid Kubernetes object name")
     return value
 
 
 def _secret_key(value: str, where: str) -> str:
-    if not value or len(value) > 253 or not _SECRET_KEY.match(value):
+    if not value or len(value) > 253 or value in (".", "..") or not _SECRET_KEY.fullmatch(value):
         raise InvalidSpec(f"{where} {value!r} is not a valid Secret key")
     return value
 
 
 def _token_url(value: str) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise InvalidSpec("spec.tokenURL is not a valid URL") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise InvalidSpec("spec.tokenURL must be an absolute http(s) URL")
     if parts.username is not None or parts.password is not None:
@@ -213,15 +220,18 @@ def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
         pct = float(pct_raw)
     before: float | None = None
     if before_raw is not None:
-        before = parse_duration(before_raw)
+        before = parse_duration(before_raw, "spec.refresh.renewBefore")
         if before <= 0:
             raise InvalidSpec("spec.refresh.renewBefore must be longer than zero")
-    default_lifetime = parse_duration(r.get("defaultLifetime", "15m"))
+    lifetime_raw = r.get("defaultLifetime")
+    default_lifetime = parse_duration("15m" if lifetime_raw is None else lifetime_raw, "spec.refresh.defaultLifetime")
     if default_lifetime < MIN_DEFAULT_LIFETIME:
         raise InvalidSpec("spec.refresh.defaultLifetime must be at least 10s")
     refresh = Refresh(renew_before_percentage=pct, renew_before=before, default_lifetime=default_lifetime)
 
-    restart_raw = s.get("rolloutRestartTargets") or []
+    restart_raw = s.get("rolloutRestartTargets")
+    if restart_raw is None:
+        restart_raw = []
     if not isinstance(restart_raw, list):
         raise InvalidSpec("spec.rolloutRestartTargets must be a list")
     restarts = []

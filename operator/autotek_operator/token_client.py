@@ -222,11 +222,13 @@ def parse_response(
     if desc:
         detail += f": {_scrub(desc, secrets)[:300]}"
     if status == 429:
-        raise errors.RateLimited(f"the token endpoint is rate limiting ({detail})", retry_after=retry_after,
-                                 oauth_error=code)
+        raise errors.RateLimited(
+            f"the token endpoint is rate limiting ({detail})", retry_after=retry_after, oauth_error=code
+        )
     if status >= 500 or code in TRANSIENT_ERRORS:
-        raise errors.TokenEndpointUnavailable(f"the token endpoint failed ({detail})", retry_after=retry_after,
-                                              oauth_error=code)
+        raise errors.TokenEndpointUnavailable(
+            f"the token endpoint failed ({detail})", retry_after=retry_after, oauth_error=code
+        )
     if status in (401, 403) or (status == 400 and (code in CREDENTIAL_ERRORS or code is None)):
         raise errors.InvalidClient(f"the token endpoint refused the client credentials ({detail})", oauth_error=code)
     if status == 400:

@@ -1,0 +1,116 @@
+"""Operator settings, read once from the environment into a frozen object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from . import constants as c
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: AUTOTEK_ALLOWED_TOKEN_URLS: comma-separated URL prefixes credentials may be sent to.
+    allowed_token_urls: tuple[str, ...] = c.DEFAULT_ALLOWED_TOKEN_URLS
+    #: AUTOTEK_NAMESPACES: comma-separated namespaces to watch; empty means all namespaces.
+    namespaces: tuple[str, ...] = ()
+    #: AUTOTEK_LOG_FORMAT: text or json.
+    log_format: str = "text"
+    #: AUTOTEK_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
+    log_level: str = "INFO"
+    #: AUTOTEK_HEALTH_PORT: liveness endpoint port (/healthz); 0 disables it.
+    health_port: int = 8080
+    #: AUTOTEK_METRICS_PORT: Prometheus metrics port (/metrics); 0 disables it.
+    metrics_port: int = 9090
+    #: AUTOTEK_HTTP_TIMEOUT: seconds for connecting to and reading from the token endpoint.
+    http_timeout: float = 10.0
+    #: AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS: token requests in flight at once, operator-wide.
+    max_concurrent_token_requests: int = 8
+    #: AUTOTEK_WORKERS: threads for blocking calls (Kubernetes API and token endpoint).
+    workers: int = 8
+    #: AUTOTEK_WATCH_TIMEOUT: seconds a watch request stays open before it is renewed.
+    watch_timeout: int = 300
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+
+ENV = {
+    "allowed_token_urls": "AUTOTEK_ALLOWED_TOKEN_URLS",
+    "namespaces": "AUTOTEK_NAMESPACES",
+    "log_format": "AUTOTEK_LOG_FORMAT",
+    "log_level": "AUTOTEK_LOG_LEVEL",
+    "health_port": "AUTOTEK_HEALTH_PORT",
+    "metrics_port": "AUTOTEK_METRICS_PORT",
+    "http_timeout": "AUTOTEK_HTTP_TIMEOUT",
+    "max_concurrent_token_requests": "AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS",
+    "workers": "AUTOTEK_WORKERS",
+    "watch_timeout": "AUTOTEK_WATCH_TIMEOUT",
+}
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _int(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {number}")
+    return number
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from the environment (or a given mapping); raise ConfigError if bad."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    raw = {f.name: env.get(ENV[f.name], "").strip() for f in fields(Settings)}
+
+    if raw["allowed_token_urls"]:
+        urls = _list(raw["allowed_token_urls"])
+        for url in urls:
+            if not (url.startswith("https://") or url.startswith("http://")):
+                raise ConfigError(f"AUTOTEK_ALLOWED_TOKEN_URLS entries must start with https:// or http://: {url!r}")
+        values["allowed_token_urls"] = urls
+    if raw["namespaces"]:
+        values["namespaces"] = _list(raw["namespaces"])
+    if raw["log_format"]:
+        if raw["log_format"] not in ("text", "json"):
+            raise ConfigError(f"AUTOTEK_LOG_FORMAT must be text or json, not {raw['log_format']!r}")
+        values["log_format"] = raw["log_format"]
+    if raw["log_level"]:
+        level = raw["log_level"].upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"AUTOTEK_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {raw['log_level']!r}")
+        values["log_level"] = level
+    for key in ("health_port", "metrics_port"):
+        if raw[key]:
+            values[key] = _int(ENV[key], raw[key], 0, 65535)
+    if raw["http_timeout"]:
+        try:
+            timeout = float(raw["http_timeout"])
+        except ValueError:
+            raise ConfigError(
+                f"AUTOTEK_HTTP_TIMEOUT must be a number of seconds, not {raw['http_timeout']!r}"
+            ) from None
+        if not 0.1 <= timeout <= 300:
+            raise ConfigError("AUTOTEK_HTTP_TIMEOUT must be between 0.1 and 300 seconds")
+        values["http_timeout"] = timeout
+    if raw["max_concurrent_token_requests"]:
+        values["max_concurrent_token_requests"] = _int(
+            ENV["max_concurrent_token_requests"], raw["max_concurrent_token_requests"], 1, 1000
+        )
+    if raw["workers"]:
+        values["workers"] = _int(ENV["workers"], raw["workers"], 1, 256)
+    if raw["watch_timeout"]:
+        values["watch_timeout"] = _int(ENV["watch_timeout"], raw["watch_timeout"], 1, 3600)
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,90 @@
+"""The kopf layer, kept thin: watch events in, the runtime does the rest.
+
+Only ``@kopf.on.event`` handlers are used, so kopf adds no finalizers and writes nothing to the
+objects itself; the runtime posts status and Events explicitly. This is also the only place
+that reads the real clock and the random source.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from . import constants as c
+from . import kube, metrics
+from .config import Settings
+from .reconcile import Deps
+from .runtime import Runtime
+from .token_client import TokenClient
+
+log = logging.getLogger("autotek_operator")
+
+
+class _Holder:
+    settings: Settings = Settings()
+    runtime: Runtime | None = None
+
+
+STATE = _Holder()
+
+
+def configure(settings: Settings) -> None:
+    STATE.settings = settings
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    s = STATE.settings
+    settings.watching.server_timeout = s.watch_timeout
+    settings.watching.client_timeout = s.watch_timeout + 15
+    settings.watching.connect_timeout = 10
+    settings.posting.enabled = False  # Events are posted by the runtime, one per outcome
+    api = kube.load_api_client(pool_size=s.workers + 4)
+    tokens = TokenClient(
+        allowed_prefixes=s.allowed_token_urls,
+        timeout=s.http_timeout,
+        max_concurrent=s.max_concurrent_token_requests,
+        clock=utcnow,
+    )
+    tokens.observer = metrics.observe_token_request
+    deps = Deps(kube=kube.Kube(api), tokens=tokens, clock=utcnow, rand=random.random)
+    STATE.runtime = Runtime(deps, workers=s.workers)
+    STATE.runtime.start()
+    metrics.serve(s.metrics_port)
+    log.info(
+        "autotek-operator started: %s, token URLs allowed under %s",
+        "all namespaces" if s.clusterwide else "namespaces " + ",".join(s.namespaces),
+        ", ".join(s.allowed_token_urls),
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if STATE.runtime is not None:
+        await STATE.runtime.stop()
+        log.info("autotek-operator stopped")
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
+async def credential_event(event: kopf.RawEvent, **_: Any) -> None:
+    if STATE.runtime is not None:
+        STATE.runtime.on_credential_event(event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "secrets")
+async def secret_event(event: kopf.RawEvent, **_: Any) -> None:
+    if STATE.runtime is not None:
+        STATE.runtime.on_secret_event(event.get("type"), event["object"])
+
+
+@kopf.on.probe(id="credentials")
+def probe(**_: Any) -> dict[str, int]:
+    return STATE.runtime.stats() if STATE.runtime is not None else {}

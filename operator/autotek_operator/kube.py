@@ -1,0 +1,213 @@
+"""Every Kubernetes API call the operator makes itself, in one place.
+
+Each method declares the (API group, resource, verb) it needs with ``@api_call``; the RBAC
+manifests are checked against ``API_CALLS`` by a test, so a new call without a matching rule
+fails CI instead of a user's install. Errors leave as ``KubernetesAPIError`` with a message we
+wrote (an ``ApiException``'s text can carry request bodies, i.e. Secret data).
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets as _random
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+import kubernetes
+import urllib3
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+from . import constants as c
+from .errors import KubernetesAPIError
+from .timefmt import format_time
+
+#: (group, resource, verb) for each call made through this module ("" is the core group).
+API_CALLS: set[tuple[str, str, str]] = set()
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: (connect, read) seconds for every API call.
+REQUEST_TIMEOUT = (5.0, 30.0)
+
+
+class Conflict(Exception):
+    """409: the object changed (stale resourceVersion) or already exists."""
+
+
+def api_call(group: str, resource: str, verb: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Declare the RBAC permission a method needs and translate its errors."""
+    API_CALLS.add((group, resource, verb))
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except ApiException as exc:
+                if exc.status == 409:
+                    raise Conflict(f"{verb} {resource}: conflict") from None
+                raise KubernetesAPIError(
+                    f"Kubernetes API {verb} {resource} failed: HTTP {exc.status} {exc.reason or ''}".strip()
+                ) from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise KubernetesAPIError(f"Kubernetes API {verb} {resource} failed: {type(exc).__name__}") from None
+
+        return inner
+
+    return wrap
+
+
+def load_api_client(pool_size: int = 16) -> ApiClient:
+    """An API client for the in-cluster service account, else the current kubeconfig."""
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)
+    config.connection_pool_maxsize = pool_size
+    config.retries = False
+    return ApiClient(configuration=config)
+
+
+def _is_404(exc: ApiException) -> bool:
+    return exc.status == 404
+
+
+class Kube:
+    """The operator's Kubernetes calls, blocking; run them from worker threads."""
+
+    def __init__(self, api_client: ApiClient) -> None:
+        self.api_client = api_client
+        self.core = CoreV1Api(api_client)
+        self.custom = CustomObjectsApi(api_client)
+
+    def _get(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        try:
+            obj = fn(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if _is_404(exc):
+                return None
+            raise
+        return _json(obj)
+
+    @api_call("", "secrets", "get")
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(self.core.read_namespaced_secret, name, namespace)
+
+    @api_call("", "secrets", "create")
+    def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            resp = self.core.create_namespaced_secret(
+                namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict("secret already exists") from None
+            raise
+        return _json(resp)
+
+    @api_call("", "secrets", "update")
+    def replace_secret(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        resp = self.core.replace_namespaced_secret(
+            name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+        )
+        return _json(resp)
+
+    @api_call("", "secrets", "patch")
+    def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            resp = self.core.patch_namespaced_secret(
+                name,
+                namespace,
+                patch,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if _is_404(exc):
+                return None
+            raise
+        return _json(resp)
+
+    @api_call("", "secrets", "delete")
+    def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
+        body: dict[str, Any] = {}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.core.delete_namespaced_secret(
+                name, namespace, body=body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return
+            raise
+
+    @api_call(c.GROUP, f"{c.PLURAL}/status", "patch")
+    def patch_credential_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                c.GROUP,
+                c.VERSION,
+                namespace,
+                c.PLURAL,
+                name,
+                {"status": dict(status)},
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if _is_404(exc):
+                return  # deleted meanwhile: nothing to report on
+            raise
+
+    @api_call("", "events", "create")
+    def create_event(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        event_type: str,
+        reason: str,
+        message: str,
+        now: datetime,
+    ) -> None:
+        stamp = format_time(now)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{_random.token_hex(8)}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": c.API_VERSION,
+                "kind": c.KIND,
+                "name": name,
+                "namespace": namespace,
+                "uid": uid,
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "source": {"component": c.MANAGER},
+            "reportingComponent": c.MANAGER,
+            "reportingInstance": c.MANAGER,
+        }
+        self.core.create_namespaced_event(namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    import json
+
+    data = resp.data if hasattr(resp, "data") else resp
+    doc = json.loads(data)
+    if not isinstance(doc, dict):
+        raise KubernetesAPIError("Kubernetes API answered with something that is not an object")
+    return doc

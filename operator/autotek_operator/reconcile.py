@@ -1,0 +1,468 @@
+"""One credential, one pass: decide, fetch a token if needed, write the Secret, report.
+
+Framework-free: the pass gets its I/O (``Deps``), the clock and the random source from the
+caller and works on a ``CredentialState`` that only it touches while it runs. The runtime
+serialises passes per credential and applies what they return.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from . import constants as c
+from . import errors, scheduling
+from .kube import Conflict, Kube
+from .spec import CREATION_MERGE, DELETION_DELETE, CredentialSpec, parse_spec
+from .status import Readiness, fmt, ready_condition, status_patch
+from .target import (
+    HeldToken,
+    Owner,
+    check_target,
+    desired_secret,
+    held_from_secret,
+    is_ours,
+    matches,
+    merge_patch,
+    unb64,
+    unmerge_patch,
+)
+from .timefmt import format_time, parse_time
+from .token_client import Token, TokenRequest
+
+log = logging.getLogger("autotek_operator")
+
+
+class TokenSource(Protocol):
+    def check_allowed(self, url: str) -> None: ...
+
+    def request(self, req: TokenRequest) -> Token: ...
+
+
+@dataclass
+class Deps:
+    kube: Kube
+    tokens: TokenSource
+    clock: Callable[[], datetime]
+    rand: Callable[[], float]
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    version: str
+    client_id: str = field(repr=False)
+    client_secret: str = field(repr=False)
+
+
+@dataclass
+class CredentialState:
+    """What the operator knows about one AutoTekCredential."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    spec: Mapping[str, Any]
+    refresh_request: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+
+    token: HeldToken | None = None
+    client: ClientCredentials | None = None
+    target_version: str | None = None
+    next_refresh: datetime | None = None
+    backoff_until: datetime | None = None
+    failed_attempts: int = 0
+    last_failure_time: datetime | None = None
+    last_failure_reason: str | None = None
+    last_attempt_at: datetime | None = None
+    handled_refresh_request: str | None = None
+    handled_generation: int | None = None
+    issued_client_version: str | None = None
+    #: A change asked for a new token now (spec, client Secret, annotation): the reason.
+    force_new: str | None = None
+    expired_reported: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def label(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> CredentialState:
+        """State for a credential seen for the first time, resumed from its stored status."""
+        meta = body.get("metadata") or {}
+        status = dict(body.get("status") or {})
+        st = cls(
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            generation=meta.get("generation"),
+            spec=body.get("spec") or {},
+            refresh_request=(meta.get("annotations") or {}).get(c.ANN_REFRESH_REQUESTED_AT),
+            status=status,
+        )
+        st.next_refresh = parse_time(status.get("nextRefreshTime"))
+        attempts = status.get("failedAttempts")
+        st.failed_attempts = attempts if isinstance(attempts, int) and attempts >= 0 else 0
+        st.last_failure_time = parse_time(status.get("lastFailureTime"))
+        st.last_failure_reason = status.get("lastFailureReason")
+        if st.failed_attempts and st.next_refresh is not None:
+            st.backoff_until = st.next_refresh
+        st.handled_refresh_request = status.get("lastRefreshRequest")
+        st.handled_generation = status.get("observedGeneration")
+        st.issued_client_version = status.get("clientSecretVersion")
+        return st
+
+    def update_from_body(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        self.uid = meta.get("uid", self.uid)
+        self.generation = meta.get("generation")
+        self.spec = body.get("spec") or {}
+        self.refresh_request = (meta.get("annotations") or {}).get(c.ANN_REFRESH_REQUESTED_AT)
+
+
+def new_token_reason(st: CredentialState, now: datetime) -> str | None:
+    """Why this pass must fetch a new token, or None when the held one will do."""
+    if st.force_new:
+        return st.force_new
+    if st.token is None:
+        return "no token yet"
+    if not st.token.valid(now):
+        return "the token expired"
+    if st.token.generation != st.generation:
+        return "the spec changed"
+    if st.refresh_request and st.refresh_request != st.handled_refresh_request:
+        return "a refresh was requested"
+    if st.next_refresh is None or now >= st.next_refresh:
+        return "the token is due for refresh"
+    return None
+
+
+def _floor_seconds(when: datetime) -> datetime:
+    return when.replace(microsecond=0)
+
+
+def _read_client(st: CredentialState, spec: CredentialSpec, kube: Kube) -> ClientCredentials:
+    if st.client is not None:
+        return st.client
+    ref = spec.client_secret_ref
+    secret = kube.get_secret(st.namespace, ref.name)
+    if secret is None:
+        raise errors.ClientSecretNotFound(f"Secret {ref.name} not found in namespace {st.namespace}")
+    data = secret.get("data") or {}
+    client_id = unb64(data.get(ref.client_id_key))
+    client_secret = unb64(data.get(ref.client_secret_key))
+    for key, value in ((ref.client_id_key, client_id), (ref.client_secret_key, client_secret)):
+        if key not in data:
+            raise errors.ClientSecretKeyMissing(f"Secret {ref.name} has no key {key}")
+        if not value:
+            raise errors.ClientSecretKeyMissing(f"Secret {ref.name} key {key} is empty or not UTF-8 text")
+    assert client_id is not None and client_secret is not None
+    version = str((secret.get("metadata") or {}).get("resourceVersion", ""))
+    st.client = ClientCredentials(version=version, client_id=client_id, client_secret=client_secret)
+    return st.client
+
+
+def _token_request(spec: CredentialSpec, client: ClientCredentials) -> TokenRequest:
+    return TokenRequest(
+        token_url=spec.token_url,
+        client_id=client.client_id,
+        client_secret=client.client_secret,
+        auth_method=spec.client_auth_method,
+        scope=spec.scope,
+        extra_params=spec.extra_params,
+        ca_bundle=spec.ca_bundle,
+        default_lifetime=spec.refresh.default_lifetime,
+    )
+
+
+def _write_target(
+    st: CredentialState,
+    spec: CredentialSpec,
+    owner: Owner,
+    target: Mapping[str, Any] | None,
+    token: HeldToken,
+    kube: Kube,
+) -> tuple[str | None, bool]:
+    """Make the target Secret hold ``token`` in one API call; (resourceVersion, written?)."""
+    if matches(target, spec, owner, token):
+        return str(((target or {}).get("metadata") or {}).get("resourceVersion") or ""), False
+    name = spec.target.name
+    if spec.target.creation_policy == CREATION_MERGE:
+        resp = kube.patch_secret(st.namespace, name, merge_patch(spec, owner, token))
+        if resp is None:
+            raise errors.TargetNotFound(f"Secret {name} does not exist; creationPolicy Merge needs it to exist")
+        return str(resp["metadata"].get("resourceVersion", "")), True
+    for _ in range(2):
+        try:
+            if target is None:
+                resp = kube.create_secret(st.namespace, desired_secret(None, spec, owner, token))
+            else:
+                resp = kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token))
+            return str(resp["metadata"].get("resourceVersion", "")), True
+        except Conflict:
+            # Created or changed by someone else meanwhile: look again, and stop if it is not ours.
+            target = kube.get_secret(st.namespace, name)
+            check_target(target, spec, owner)
+            if target is not None and matches(target, spec, owner, token):
+                return str(target["metadata"].get("resourceVersion", "")), False
+    raise errors.KubernetesAPIError(f"Secret {name} kept changing while being written; will retry")
+
+
+def _event(deps: Deps, st: CredentialState, event_type: str, reason: str, message: str, now: datetime) -> None:
+    try:
+        deps.kube.create_event(
+            namespace=st.namespace,
+            name=st.name,
+            uid=st.uid,
+            event_type=event_type,
+            reason=reason,
+            message=message,
+            now=now,
+        )
+    except errors.AutoTekError as exc:
+        log.warning("%s: could not post event %s: %s", st.label(), reason, exc.message)
+
+
+def _failure_message(exc: errors.AutoTekError) -> str:
+    if isinstance(exc, errors.InvalidClient):
+        return exc.message + ". AutoTek's checklist: " + "; ".join(c.TROUBLESHOOTING_HINTS)
+    return exc.message
+
+
+def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
+    """Bring one credential up to date. Returns the (mutated) state; never raises AutoTekError."""
+    now = deps.clock()
+    owner = Owner(st.namespace, st.name, st.uid)
+    spec: CredentialSpec | None = None
+    error: errors.AutoTekError | None = None
+    target_ok = False
+    issued: str | None = None  # event reason when a new token was written
+    had_token = st.token is not None
+    attempted = False
+
+    try:
+        spec = parse_spec(st.spec, name=st.name)
+        deps.tokens.check_allowed(spec.token_url)
+        target = deps.kube.get_secret(st.namespace, spec.target.name)
+        if target is None and spec.target.creation_policy == CREATION_MERGE:
+            raise errors.TargetNotFound(
+                f"Secret {spec.target.name} does not exist; creationPolicy Merge writes only into an existing Secret"
+            )
+        check_target(target, spec, owner)
+        if st.token is None:
+            adopted = (
+                held_from_secret(target, owner)
+                if target is not None and is_ours_or_merged(target, spec, owner)
+                else None
+            )
+            if adopted is not None and adopted.valid(now):
+                st.token = replace(adopted, generation=st.handled_generation, client_version=st.issued_client_version)
+                had_token = True
+                if st.status.get("expiresAt") != format_time(adopted.expires_at):
+                    # The Secret is newer than the status (a crash between the two writes): trust it.
+                    lifetime = (adopted.expires_at - adopted.refreshed_at).total_seconds()
+                    st.next_refresh = scheduling.refresh_time(adopted.refreshed_at, lifetime, spec.refresh, deps.rand)
+        reason = new_token_reason(st, now)
+        if reason and not st.force_new and st.backoff_until is not None and now < st.backoff_until:
+            reason = None  # backing off after a failure; only a change cuts this short
+        if reason and st.last_attempt_at is not None:
+            floor_at = st.last_attempt_at + timedelta(seconds=scheduling.FLOOR_SECONDS)
+            if now < floor_at:
+                st.next_refresh = floor_at  # never more than one request per floor interval
+                reason = None
+        if reason:
+            attempted = True
+            st.last_attempt_at = now
+            st.force_new = None
+            if st.refresh_request:
+                st.handled_refresh_request = st.refresh_request
+            log.debug("%s: requesting a token: %s", st.label(), reason)
+            try:
+                client = _read_client(st, spec, deps.kube)
+                token = deps.tokens.request(_token_request(spec, client))
+            except errors.AutoTekError as exc:
+                error = exc
+            else:
+                sent_at = token.sent_at or now
+                lifetime = scheduling.clamp_lifetime(token.lifetime)
+                st.token = HeldToken(
+                    access_token=token.access_token,
+                    token_type=token.token_type,
+                    scope=token.scope,
+                    issued_at=sent_at,
+                    expires_at=_floor_seconds(sent_at + timedelta(seconds=lifetime)),
+                    refreshed_at=_floor_seconds(deps.clock()),
+                    generation=st.generation,
+                    client_version=client.version,
+                )
+                st.next_refresh = scheduling.refresh_time(sent_at, token.lifetime, spec.refresh, deps.rand)
+                st.backoff_until = None
+                issued = c.EVENT_ROTATED if had_token else c.EVENT_ISSUED
+                if token.lifetime_defaulted:
+                    _event(
+                        deps,
+                        st,
+                        "Normal",
+                        c.EVENT_DEFAULT_LIFETIME,
+                        "the token response had no expires_in; assuming spec.refresh.defaultLifetime "
+                        f"({int(spec.refresh.default_lifetime)}s)",
+                        now,
+                    )
+        if st.token is not None and st.token.valid(now):
+            version, wrote = _write_target(st, spec, owner, target, st.token, deps.kube)
+            st.target_version = version
+            target_ok = True
+            if wrote and issued is None:
+                _event(
+                    deps,
+                    st,
+                    "Normal",
+                    c.EVENT_RESTORED,
+                    f"restored Secret {spec.target.name} with the held token (valid until "
+                    f"{format_time(st.token.expires_at)})",
+                    now,
+                )
+    except errors.AutoTekError as exc:
+        error = error or exc
+
+    now_after = deps.clock()
+    token_valid = st.token is not None and st.token.valid(now_after)
+
+    if issued and target_ok and st.token is not None:
+        verb = "rotated the token" if issued == c.EVENT_ROTATED else "issued a token"
+        log.info(
+            "%s: %s into Secret %s, valid until %s",
+            st.label(),
+            verb,
+            spec.target.name if spec else "?",
+            format_time(st.token.expires_at),
+        )
+        _event(
+            deps,
+            st,
+            "Normal",
+            issued,
+            f"{verb} into Secret {spec.target.name if spec else '?'}; valid until "
+            f"{format_time(st.token.expires_at)}, next refresh {fmt(st.next_refresh)}",
+            now,
+        )
+
+    if error is None:
+        st.failed_attempts = 0
+        st.last_failure_time = None
+        st.last_failure_reason = None
+        st.expired_reported = False
+    else:
+        st.failed_attempts += 1
+        st.last_failure_time = now
+        st.last_failure_reason = error.reason
+        delay = scheduling.backoff_delay(error.retry_class, st.failed_attempts, deps.rand, error.retry_after)
+        expires = st.token.expires_at if token_valid and st.token is not None else None
+        retry_at = scheduling.next_attempt(now, st.last_attempt_at, delay, expires)
+        st.next_refresh = retry_at
+        st.backoff_until = retry_at
+        log.warning(
+            "%s: %s: %s (attempt %d, next try %s)",
+            st.label(),
+            error.reason,
+            error.message,
+            st.failed_attempts,
+            fmt(retry_at) or "after a change",
+        )
+        _event(deps, st, "Warning", error.reason, _failure_message(error), now)
+
+    # Readiness: True exactly while the Secret holds our unexpired token.
+    target_refused = isinstance(error, errors.TargetConflict | errors.TargetNotFound)
+    if token_valid and (target_ok or (error is not None and not target_refused and st.target_version is not None)):
+        assert st.token is not None
+        message = f"token valid until {format_time(st.token.expires_at)}"
+        if error is not None:
+            message += f"; refresh failing ({error.reason}): {error.message}"
+        readiness = Readiness(True, c.REASON_TOKEN_ISSUED, message)
+    elif st.token is not None and not token_valid and had_token:
+        detail = f"; refresh failing ({error.reason}): {error.message}" if error else ""
+        readiness = Readiness(False, c.REASON_EXPIRED, f"token expired at {format_time(st.token.expires_at)}{detail}")
+        if not st.expired_reported:
+            st.expired_reported = True
+            _event(deps, st, "Warning", c.EVENT_EXPIRED, readiness.message, now)
+    elif error is not None:
+        readiness = Readiness(False, error.reason, error.message)
+    else:
+        readiness = Readiness(False, c.REASON_PENDING, "waiting for the first token")
+
+    if not attempted and error is None and st.token is None:
+        st.next_refresh = None
+
+    tok = st.token
+    desired_status: dict[str, Any] = {
+        "observedGeneration": st.generation,
+        "conditions": [
+            ready_condition(st.status.get("conditions"), readiness, now=now_after, generation=st.generation)
+        ],
+        "secretName": spec.target.name if spec else st.status.get("secretName"),
+        "tokenType": tok.token_type if tok else None,
+        "lastRefreshTime": fmt(tok.refreshed_at) if tok else None,
+        "expiresAt": fmt(tok.expires_at) if tok else None,
+        "nextRefreshTime": fmt(st.next_refresh),
+        "lastFailureTime": fmt(st.last_failure_time),
+        "lastFailureReason": st.last_failure_reason,
+        "failedAttempts": st.failed_attempts,
+        "clientSecretVersion": tok.client_version if tok else None,
+        "lastRefreshRequest": st.handled_refresh_request,
+    }
+    if tok is not None:
+        st.handled_generation = tok.generation
+        st.issued_client_version = tok.client_version
+    patch = status_patch(st.status, desired_status)
+    if patch:
+        try:
+            deps.kube.patch_credential_status(st.namespace, st.name, patch)
+        except errors.AutoTekError as exc:
+            log.warning("%s: could not update status: %s", st.label(), exc.message)
+            # Keep the old view so that the next pass tries the patch again.
+            if st.next_refresh is None or st.next_refresh > now_after + timedelta(seconds=30):
+                st.next_refresh = now_after + timedelta(seconds=30)
+        else:
+            st.status = {k: v for k, v in {**st.status, **desired_status}.items() if v is not None}
+    return st
+
+
+def is_ours_or_merged(target: Mapping[str, Any], spec: CredentialSpec, owner: Owner) -> bool:
+    if spec.target.creation_policy == CREATION_MERGE:
+        return True  # check_target already refused Secrets claimed by another credential
+    return is_ours(target, owner)
+
+
+def cleanup_deleted(body: Mapping[str, Any], deps: Deps) -> None:
+    """Apply deletionPolicy Delete after an AutoTekCredential is gone (best effort).
+
+    Owner: delete the Secret we own (garbage collection does the same through the owner
+    reference; doing it here also covers a cluster without it). Merge: remove our keys."""
+    meta = body.get("metadata") or {}
+    owner = Owner(meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", ""))
+    try:
+        spec = parse_spec(body.get("spec"), name=owner.name)
+    except errors.InvalidSpec:
+        return
+    if spec.target.deletion_policy != DELETION_DELETE:
+        return
+    try:
+        target = deps.kube.get_secret(owner.namespace, spec.target.name)
+        if target is None:
+            return
+        if spec.target.creation_policy == CREATION_MERGE:
+            if ((target.get("metadata") or {}).get("annotations") or {}).get(c.ANN_CREDENTIAL) == owner.name:
+                deps.kube.patch_secret(owner.namespace, spec.target.name, unmerge_patch(target))
+        elif is_ours(target, owner):
+            deps.kube.delete_secret(owner.namespace, spec.target.name, uid=target["metadata"].get("uid"))
+        log.info("%s/%s: deleted; cleaned up Secret %s", owner.namespace, owner.name, spec.target.name)
+    except errors.AutoTekError as exc:
+        log.warning(
+            "%s/%s: cleanup of Secret %s failed: %s", owner.namespace, owner.name, spec.target.name, exc.message
+        )

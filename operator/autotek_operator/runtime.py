@@ -1,0 +1,294 @@
+"""One scheduler for all credentials: a heap of due times, a bounded worker pool.
+
+Idle credentials cost nothing but a heap entry: no task, thread or timer per credential, and
+no wake-up until the earliest due time. Watch events (credentials and Secrets) only update
+in-memory state and move due times; the blocking work of a pass (Kubernetes API, token
+endpoint) runs in a fixed-size thread pool, one pass per credential at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import heapq
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any
+
+from .reconcile import CredentialState, Deps, cleanup_deleted, run_pass
+
+log = logging.getLogger("autotek_operator")
+
+Key = tuple[str, str]
+Change = Callable[[CredentialState], bool]
+
+#: After an unexpected error in a pass, try that credential again after this long.
+CRASH_RETRY_SECONDS = 60.0
+
+
+def _secret_refs(namespace: str, name: str, spec: Mapping[str, Any]) -> tuple[Key | None, Key]:
+    """(client Secret, target Secret) keys named by a raw spec, tolerating invalid specs."""
+    ref = spec.get("clientSecretRef") if isinstance(spec, Mapping) else None
+    client_name = ref.get("name") if isinstance(ref, Mapping) else None
+    target = spec.get("target") if isinstance(spec, Mapping) else None
+    target_name = target.get("name") if isinstance(target, Mapping) else None
+    client_key = (namespace, client_name) if isinstance(client_name, str) else None
+    return client_key, (namespace, target_name if isinstance(target_name, str) else name)
+
+
+class Runtime:
+    """Holds every credential's state and runs passes when they are due."""
+
+    def __init__(self, deps: Deps, *, workers: int = 8) -> None:
+        self.deps = deps
+        self.workers = workers
+        self.states: dict[Key, CredentialState] = {}
+        self.client_index: dict[Key, set[Key]] = {}
+        self.target_index: dict[Key, set[Key]] = {}
+        self.refs: dict[Key, tuple[Key | None, Key]] = {}
+        #: resourceVersion of every Secret seen on the watch (to spot changes made while down).
+        self.secret_versions: dict[Key, str] = {}
+        self.inflight: set[Key] = set()
+        self.pending: dict[Key, list[Change]] = {}
+        self._heap: list[tuple[float, int, Key]] = []
+        self._due: dict[Key, float] = {}
+        self._seq = itertools.count()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autotek-worker")
+        self._slots: asyncio.Semaphore | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.passes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._slots = asyncio.Semaphore(self.workers)
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._loop(), name="autotek-scheduler")
+
+    async def stop(self, grace: float = 20.0) -> None:
+        """Stop scheduling; let passes in flight finish (each writes its Secret in one call)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "credentials": len(self.states),
+            "scheduled": len(self._due),
+            "inflight": len(self.inflight),
+            "passes": self.passes,
+        }
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return self.deps.clock()
+
+    def schedule(self, key: Key, when: datetime | None = None) -> None:
+        """Run a pass for ``key`` at ``when`` (now if None), unless one is due sooner."""
+        ts = (when or self._now()).timestamp()
+        current = self._due.get(key)
+        if current is not None and current <= ts:
+            return
+        self._due[key] = ts
+        heapq.heappush(self._heap, (ts, next(self._seq), key))
+        if self._wake is not None and (not self._heap or self._heap[0][0] >= ts):
+            self._wake.set()
+
+    def due_at(self, key: Key) -> datetime | None:
+        ts = self._due.get(key)
+        return datetime.fromtimestamp(ts, tz=self._now().tzinfo) if ts is not None else None
+
+    async def _loop(self) -> None:
+        assert self._wake is not None and self._slots is not None
+        while True:
+            now = self._now().timestamp()
+            while self._heap and self._heap[0][0] <= now:
+                ts, _, key = heapq.heappop(self._heap)
+                if self._due.get(key) != ts:
+                    continue  # superseded by an earlier or later schedule
+                del self._due[key]
+                if key not in self.states:
+                    continue
+                if key in self.inflight:
+                    self.pending.setdefault(key, []).append(lambda st: True)
+                    continue
+                await self._slots.acquire()
+                self.inflight.add(key)
+                task = asyncio.create_task(self._run(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            timeout = max(0.0, self._heap[0][0] - self._now().timestamp()) if self._heap else None
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _run(self, key: Key) -> None:
+        assert self._slots is not None
+        live = self.states.get(key)
+        try:
+            if live is None:
+                return
+            snapshot = copy.copy(live)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._executor, run_pass, snapshot, self.deps)
+            self.passes += 1
+            if self.states.get(key) is not live:
+                return  # deleted (or deleted and re-created) while the pass ran
+            self.states[key] = result
+            rerun = False
+            for change in self.pending.pop(key, []):
+                rerun = change(result) or rerun
+            if rerun:
+                self.schedule(key)
+            if result.next_refresh is not None:
+                self.schedule(key, result.next_refresh)
+        except Exception:
+            log.exception(
+                "%s/%s: unexpected error in a pass; retrying in %ds", key[0], key[1], int(CRASH_RETRY_SECONDS)
+            )
+            if key in self.states:
+                self.schedule(key, self._now() + timedelta(seconds=CRASH_RETRY_SECONDS))
+        finally:
+            self.inflight.discard(key)
+            if key not in self.states:
+                self.pending.pop(key, None)
+            self._slots.release()
+
+    def _change(self, key: Key, change: Change) -> None:
+        """Apply an event's change now, or after the pass in flight; schedule if it asks."""
+        if key in self.inflight:
+            self.pending.setdefault(key, []).append(change)
+            return
+        st = self.states.get(key)
+        if st is not None and change(st):
+            self.schedule(key)
+
+    # -- indexes -----------------------------------------------------------------------------
+
+    def _index(self, key: Key, spec: Mapping[str, Any]) -> None:
+        refs = _secret_refs(key[0], key[1], spec)
+        old = self.refs.get(key)
+        if old == refs:
+            return
+        self._unindex(key)
+        self.refs[key] = refs
+        client_key, target_key = refs
+        if client_key is not None:
+            self.client_index.setdefault(client_key, set()).add(key)
+        self.target_index.setdefault(target_key, set()).add(key)
+
+    def _unindex(self, key: Key) -> None:
+        old = self.refs.pop(key, None)
+        if old is None:
+            return
+        for index, skey in ((self.client_index, old[0]), (self.target_index, old[1])):
+            if skey is not None and skey in index:
+                index[skey].discard(key)
+                if not index[skey]:
+                    del index[skey]
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_credential_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if event_type == "DELETED":
+            self._forget(key)
+            task = asyncio.get_running_loop().run_in_executor(self._executor, cleanup_deleted, body, self.deps)
+            self._tasks.add(asyncio.ensure_future(task))
+            return
+        if meta.get("deletionTimestamp"):
+            return
+        st = self.states.get(key)
+        spec = body.get("spec") or {}
+        if st is None or st.uid != meta.get("uid", st.uid):
+            if st is not None:
+                self._forget(key)
+            st = CredentialState.from_body(body)
+            self.states[key] = st
+            self._index(key, spec)
+            st.force_new = self._resume_reason(st)
+            self.schedule(key)
+            return
+        self._index(key, spec)
+
+        def change(state: CredentialState) -> bool:
+            old_generation, old_request = state.generation, state.refresh_request
+            state.update_from_body(body)
+            if state.generation != old_generation:
+                state.force_new = "the spec changed"
+                state.client = None
+                return True
+            if state.refresh_request != old_request and state.refresh_request:
+                state.force_new = "a refresh was requested"
+                return True
+            return False
+
+        self._change(key, change)
+
+    def _resume_reason(self, st: CredentialState) -> str | None:
+        """Why a credential seen for the first time (new, or after a restart) needs a token now."""
+        if not st.status.get("expiresAt"):
+            return None  # never issued: the pass fetches one anyway ("no token yet")
+        if st.generation != st.handled_generation:
+            return "the spec changed"
+        if st.refresh_request and st.refresh_request != st.handled_refresh_request:
+            return "a refresh was requested"
+        refs = self.refs.get(st.key)
+        version = self.secret_versions.get(refs[0]) if refs and refs[0] else None
+        if version is not None and st.issued_client_version and version != st.issued_client_version:
+            return "the client Secret changed"
+        return None
+
+    def _forget(self, key: Key) -> None:
+        self.states.pop(key, None)
+        self._due.pop(key, None)
+        self.pending.pop(key, None)
+        self._unindex(key)
+
+    def on_secret_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        skey = (meta.get("namespace", ""), meta.get("name", ""))
+        version = str(meta.get("resourceVersion", ""))
+        deleted = event_type == "DELETED"
+        if deleted:
+            self.secret_versions.pop(skey, None)
+        else:
+            self.secret_versions[skey] = version
+
+        for key in tuple(self.client_index.get(skey, ())):
+
+            def client_change(st: CredentialState) -> bool:
+                if deleted:
+                    st.client = None
+                    return False
+                known = st.client.version if st.client is not None else st.issued_client_version
+                if version == known:
+                    return False
+                st.client = None
+                st.force_new = "the client Secret changed"
+                return True
+
+            self._change(key, client_change)
+
+        for key in tuple(self.target_index.get(skey, ())):
+
+            def target_change(st: CredentialState) -> bool:
+                # Our own writes come back with the version we recorded: nothing to do.
+                return deleted or version != st.target_version
+
+            self._change(key, target_change)

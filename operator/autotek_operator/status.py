@@ -1,0 +1,64 @@
+"""Pure status building: the Ready condition and the status fields, from the outcome of a pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import constants as c
+from .timefmt import format_time
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str
+    message: str
+
+
+def ready_condition(
+    previous: Sequence[Mapping[str, Any]] | None,
+    readiness: Readiness,
+    *,
+    now: datetime,
+    generation: int | None,
+) -> dict[str, Any]:
+    """The Ready condition; lastTransitionTime moves only when the status flips."""
+    status = "True" if readiness.ready else "False"
+    last_transition = format_time(now)
+    for cond in previous or ():
+        if isinstance(cond, Mapping) and cond.get("type") == c.CONDITION_READY:
+            if cond.get("status") == status and cond.get("lastTransitionTime"):
+                last_transition = str(cond["lastTransitionTime"])
+            break
+    cond_out: dict[str, Any] = {
+        "type": c.CONDITION_READY,
+        "status": status,
+        "reason": readiness.reason,
+        "message": readiness.message,
+        "lastTransitionTime": last_transition,
+    }
+    if generation is not None:
+        cond_out["observedGeneration"] = generation
+    return cond_out
+
+
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch taking ``current`` to ``desired`` over our own fields; None if equal.
+
+    Fields set to None in ``desired`` are removed (merge-patch null)."""
+    current = current or {}
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        if value is None:
+            if current.get(key) is not None:
+                patch[key] = None
+        elif current.get(key) != value:
+            patch[key] = value
+    return patch or None
+
+
+def fmt(when: datetime | None) -> str | None:
+    return format_time(when) if when is not None else None

@@ -1,0 +1,264 @@
+"""Pure decisions about the target Secret: what it must contain, whose it is, whether it matches."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import constants as c
+from .errors import TargetConflict
+from .spec import CREATION_MERGE, DELETION_RETAIN, CredentialSpec
+from .timefmt import format_time, parse_time
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The AutoTekCredential a target Secret belongs to."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class HeldToken:
+    """The token the operator holds for one credential (never logged: repr hides the token)."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    scope: str | None
+    issued_at: datetime
+    expires_at: datetime
+    refreshed_at: datetime
+    #: The spec generation and client Secret version it was issued for.
+    generation: int | None = None
+    client_version: str | None = None
+
+    def valid(self, now: datetime) -> bool:
+        return now < self.expires_at
+
+
+def b64(value: str) -> str:
+    return base64.b64encode(value.encode("utf-8")).decode("ascii")
+
+
+def unb64(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def token_data(token: HeldToken) -> dict[str, str]:
+    """The Secret's data keys (base64) for a held token."""
+    data = {
+        c.KEY_ACCESS_TOKEN: b64(token.access_token),
+        c.KEY_TOKEN_TYPE: b64(token.token_type),
+        c.KEY_AUTHORIZATION: b64(f"Bearer {token.access_token}"),
+        c.KEY_EXPIRES_AT: b64(format_time(token.expires_at)),
+    }
+    if token.scope is not None:
+        data[c.KEY_SCOPE] = b64(token.scope)
+    return data
+
+
+def token_annotations(owner: Owner, token: HeldToken) -> dict[str, str]:
+    return {
+        c.ANN_CREDENTIAL: owner.name,
+        c.ANN_EXPIRES_AT: format_time(token.expires_at),
+        c.ANN_REFRESHED_AT: format_time(token.refreshed_at),
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+    }
+
+
+def _meta(secret: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return (secret or {}).get("metadata") or {}
+
+
+def _controller_ref(secret: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for ref in _meta(secret).get("ownerReferences") or ():
+        if isinstance(ref, Mapping) and ref.get("controller"):
+            return ref
+    return None
+
+
+def is_ours(secret: Mapping[str, Any], owner: Owner) -> bool:
+    """Whether an existing Secret belongs to this credential."""
+    ref = _controller_ref(secret)
+    if ref is not None:
+        return ref.get("uid") == owner.uid
+    meta = _meta(secret)
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    return labels.get(c.LABEL_MANAGED_BY) == c.MANAGER and annotations.get(c.ANN_CREDENTIAL) == owner.name
+
+
+def check_target(secret: Mapping[str, Any] | None, spec: CredentialSpec, owner: Owner) -> None:
+    """Raise TargetConflict when this credential must not write ``secret``; None: may write.
+
+    A missing Secret under Merge is reported by the caller (TargetNotFound)."""
+    if secret is None:
+        return
+    name = spec.target.name
+    stype = secret.get("type") or "Opaque"
+    annotations = _meta(secret).get("annotations") or {}
+    claimed_by = annotations.get(c.ANN_CREDENTIAL)
+    if spec.target.creation_policy == CREATION_MERGE:
+        if stype != "Opaque":
+            raise TargetConflict(f"Secret {name} has type {stype}; only Opaque Secrets can take a token")
+        if claimed_by not in (None, owner.name):
+            raise TargetConflict(f"Secret {name} is already managed by AutoTekCredential {claimed_by}")
+        ref = _controller_ref(secret)
+        if ref is not None and ref.get("uid") != owner.uid:
+            raise TargetConflict(
+                f"Secret {name} is controlled by {ref.get('kind')} {ref.get('name')}; Merge will not write to it"
+            )
+        return
+    if not is_ours(secret, owner):
+        ref = _controller_ref(secret)
+        if ref is not None:
+            who = f"{ref.get('kind')} {ref.get('name')}"
+        elif claimed_by:
+            who = f"AutoTekCredential {claimed_by}"
+        else:
+            who = "someone else"
+        raise TargetConflict(
+            f"Secret {name} already exists and belongs to {who}; "
+            "creationPolicy Owner never touches a Secret it does not own"
+        )
+    if stype != "Opaque":
+        raise TargetConflict(f"Secret {name} has type {stype}; only Opaque Secrets can take a token")
+
+
+def desired_secret(
+    existing: Mapping[str, Any] | None,
+    spec: CredentialSpec,
+    owner: Owner,
+    token: HeldToken,
+) -> dict[str, Any]:
+    """The whole target Secret (Owner policy) as it must be after a write.
+
+    Labels and annotations that others added to an owned Secret are kept; ours win on a clash.
+    Data is exactly the token keys."""
+    meta = _meta(existing)
+    labels = {**(meta.get("labels") or {}), **spec.target.labels, c.LABEL_MANAGED_BY: c.MANAGER}
+    annotations = {**(meta.get("annotations") or {}), **spec.target.annotations, **token_annotations(owner, token)}
+    metadata: dict[str, Any] = {
+        "name": spec.target.name,
+        "namespace": owner.namespace,
+        "labels": labels,
+        "annotations": annotations,
+    }
+    if spec.target.deletion_policy != DELETION_RETAIN:
+        metadata["ownerReferences"] = [owner_reference(owner)]
+    if meta.get("resourceVersion"):
+        metadata["resourceVersion"] = meta["resourceVersion"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": metadata,
+        "data": token_data(token),
+    }
+
+
+def merge_patch(spec: CredentialSpec, owner: Owner, token: HeldToken) -> dict[str, Any]:
+    """The merge patch that writes only our keys, labels and annotations (Merge policy)."""
+    data: dict[str, Any] = dict(token_data(token))
+    if token.scope is None:
+        data[c.KEY_SCOPE] = None
+    return {
+        "metadata": {
+            "labels": {**spec.target.labels, c.LABEL_MANAGED_BY: c.MANAGER},
+            "annotations": {**spec.target.annotations, **token_annotations(owner, token)},
+        },
+        "data": data,
+    }
+
+
+def unmerge_patch(existing: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that removes what a Merge credential wrote (deletionPolicy Delete)."""
+    data_keys = (existing.get("data") or {}).keys()
+    return {
+        "metadata": {
+            "labels": {c.LABEL_MANAGED_BY: None},
+            "annotations": {c.ANN_CREDENTIAL: None, c.ANN_EXPIRES_AT: None, c.ANN_REFRESHED_AT: None},
+        },
+        "data": {k: None for k in c.TOKEN_KEYS if k in data_keys},
+    }
+
+
+def matches(existing: Mapping[str, Any] | None, spec: CredentialSpec, owner: Owner, token: HeldToken) -> bool:
+    """Whether the Secret already holds exactly what we would write (no write needed)."""
+    if existing is None:
+        return False
+    meta = _meta(existing)
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    data = existing.get("data") or {}
+    want_data = token_data(token)
+    if spec.target.creation_policy == CREATION_MERGE:
+        if any(data.get(k) != v for k, v in want_data.items()):
+            return False
+        if token.scope is None and c.KEY_SCOPE in data:
+            return False
+    elif dict(data) != want_data:
+        return False
+    want_labels = {**spec.target.labels, c.LABEL_MANAGED_BY: c.MANAGER}
+    want_annotations = {**spec.target.annotations, **token_annotations(owner, token)}
+    if any(labels.get(k) != v for k, v in want_labels.items()):
+        return False
+    if any(annotations.get(k) != v for k, v in want_annotations.items()):
+        return False
+    if spec.target.creation_policy != CREATION_MERGE:
+        refs = meta.get("ownerReferences") or []
+        has_ref = any(isinstance(r, Mapping) and r.get("uid") == owner.uid for r in refs)
+        if has_ref != (spec.target.deletion_policy != DELETION_RETAIN):
+            return False
+        if (existing.get("type") or "Opaque") != "Opaque":
+            return False
+    return True
+
+
+def held_from_secret(secret: Mapping[str, Any] | None, owner: Owner) -> HeldToken | None:
+    """Recover the token a Secret holds (after an operator restart), if it is ours and whole."""
+    if secret is None:
+        return None
+    meta = _meta(secret)
+    annotations = meta.get("annotations") or {}
+    if annotations.get(c.ANN_CREDENTIAL) != owner.name:
+        return None
+    data = secret.get("data") or {}
+    access_token = unb64(data.get(c.KEY_ACCESS_TOKEN))
+    token_type = unb64(data.get(c.KEY_TOKEN_TYPE))
+    expires_at = parse_time(annotations.get(c.ANN_EXPIRES_AT))
+    refreshed_at = parse_time(annotations.get(c.ANN_REFRESHED_AT))
+    if not access_token or not token_type or expires_at is None or refreshed_at is None:
+        return None
+    if unb64(data.get(c.KEY_AUTHORIZATION)) != f"Bearer {access_token}":
+        return None
+    if parse_time(unb64(data.get(c.KEY_EXPIRES_AT))) != expires_at:
+        return None
+    scope = unb64(data.get(c.KEY_SCOPE)) if c.KEY_SCOPE in data else None
+    return HeldToken(
+        access_token=access_token,
+        token_type=token_type,
+        scope=scope,
+        issued_at=refreshed_at,
+        expires_at=expires_at,
+        refreshed_at=refreshed_at,
+    )

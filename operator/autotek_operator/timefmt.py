@@ -1,0 +1,23 @@
+"""RFC 3339 timestamps as Kubernetes writes them (UTC, second precision, ``Z``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def format_time(when: datetime) -> str:
+    """Format an aware datetime as ``2026-11-28T04:10:00Z``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: object) -> datetime | None:
+    """Parse an RFC 3339 timestamp; None for anything that is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)

@@ -1,0 +1,163 @@
+"""In-memory stand-ins for the Kubernetes API and the token endpoint (unit tests only)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from autotek_operator import errors
+from autotek_operator.kube import Conflict
+from autotek_operator.token_client import Token, TokenRequest
+
+T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def unb64(s: str) -> str:
+    return base64.b64decode(s).decode()
+
+
+class FakeKube:
+    """Secrets, status patches and Events in dicts; records every call as (verb, name)."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.statuses: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, str]] = []
+        self._rv = itertools.count(100)
+        self.fail_next: list[Exception] = []
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+
+    def put_secret(self, namespace: str, name: str, data: dict[str, str], **meta: Any) -> dict[str, Any]:
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": meta.pop("type", "Opaque"),
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", **meta},
+            "data": {k: b64(v) for k, v in data.items()},
+        }
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.secrets[(namespace, name)] = obj
+        return obj
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", name))
+        self._maybe_fail()
+        obj = self.secrets.get((namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("create", body["metadata"]["name"]))
+        self._maybe_fail()
+        key = (namespace, body["metadata"]["name"])
+        if key in self.secrets:
+            raise Conflict("exists")
+        obj = copy.deepcopy(body)
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        obj["metadata"]["uid"] = "uid-" + key[1]
+        self.secrets[key] = obj
+        return copy.deepcopy(obj)
+
+    def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("replace", name))
+        self._maybe_fail()
+        cur = self.secrets.get((namespace, name))
+        if cur is None:
+            raise errors.KubernetesAPIError("Kubernetes API update secrets failed: HTTP 404")
+        if body["metadata"].get("resourceVersion") not in (None, cur["metadata"]["resourceVersion"]):
+            raise Conflict("stale")
+        obj = copy.deepcopy(body)
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        obj["metadata"]["uid"] = cur["metadata"].get("uid")
+        self.secrets[(namespace, name)] = obj
+        return copy.deepcopy(obj)
+
+    def patch_secret(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append(("patch", name))
+        self._maybe_fail()
+        cur = self.secrets.get((namespace, name))
+        if cur is None:
+            return None
+        _merge(cur, patch)
+        cur["metadata"]["resourceVersion"] = str(next(self._rv))
+        return copy.deepcopy(cur)
+
+    def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
+        self.calls.append(("delete", name))
+        self.secrets.pop((namespace, name), None)
+
+    def patch_credential_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.calls.append(("status", name))
+        self._maybe_fail()
+        cur = self.statuses.setdefault((namespace, name), {})
+        _merge(cur, copy.deepcopy(status))
+
+    def create_event(self, **kw: Any) -> None:
+        self.calls.append(("event", kw["reason"]))
+        self.events.append(kw)
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] in ("create", "replace", "patch", "delete")]
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v) if isinstance(v, dict | list) else v
+
+
+class FakeTokens:
+    """Issues tokens ``tok-1``, ``tok-2`` ... or raises the queued errors."""
+
+    def __init__(self, clock: Clock, lifetime: float = 3600.0, allowed: bool = True) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.allowed = allowed
+        self.requests: list[TokenRequest] = []
+        self.errors: list[errors.AutoTekError] = []
+        self.count = 0
+        self.defaulted = False
+
+    def check_allowed(self, url: str) -> None:
+        if not self.allowed:
+            raise errors.TokenURLNotAllowed(f"token URL {url} is not allowed")
+
+    def request(self, req: TokenRequest) -> Token:
+        self.check_allowed(req.token_url)
+        self.requests.append(req)
+        if self.errors:
+            raise self.errors.pop(0)
+        self.count += 1
+        return Token(
+            access_token=f"tok-{self.count}",
+            token_type="bearer",
+            lifetime=self.lifetime,
+            scope="",
+            sent_at=self.clock(),
+            lifetime_defaulted=self.defaulted,
+        )
