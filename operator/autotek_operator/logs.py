@@ -33,3 +33,7 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # The HTTP libraries log URLs and headers at DEBUG; keep them at WARNING at any level.
     for noisy in ("urllib3", "requests", "kubernetes", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kopf reports every watch event it handles ("Handler ... succeeded") at INFO; the operator
+    # logs its own outcomes, so keep kopf's per-object lines for DEBUG.
+    if level != "DEBUG":
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)

@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 from . import constants as c
 from .errors import InvalidSpec
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_FULL = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_FULL = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h))+")
+#: Longer durations overflow Kubernetes' own duration type (about 290 years); stop well before.
+MAX_DURATION_SECONDS = 10 * 365 * 86400.0
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -38,7 +40,10 @@ def parse_duration(value: object, where: str = "duration") -> float:
     """Parse a Go-style duration such as ``10m``, ``1h30m`` or ``90s`` into seconds."""
     if not isinstance(value, str) or not _DURATION_FULL.fullmatch(value):
         raise InvalidSpec(f"{where} {value!r} is not a duration (use forms like 90s, 10m, 1h30m)")
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+    if seconds > MAX_DURATION_SECONDS:
+        raise InvalidSpec(f"{where} {value!r} is longer than ten years")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ def _dns_name(value: str, where: str) -> str:
 
 
 def _secret_key(value: str, where: str) -> str:
-    if not value or len(value) > 253 or value in (".", "..") or not _SECRET_KEY.fullmatch(value):
+    if not value or len(value) > 253 or value == "." or value.startswith("..") or not _SECRET_KEY.fullmatch(value):
         raise InvalidSpec(f"{where} {value!r} is not a valid Secret key")
     return value
 
@@ -215,8 +220,8 @@ def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
         raise InvalidSpec("spec.refresh.renewBeforePercentage and spec.refresh.renewBefore are mutually exclusive")
     pct: float | None = None
     if pct_raw is not None:
-        if isinstance(pct_raw, bool) or not isinstance(pct_raw, int | float) or not 1 <= pct_raw <= 99:
-            raise InvalidSpec("spec.refresh.renewBeforePercentage must be a number from 1 to 99")
+        if isinstance(pct_raw, bool) or not isinstance(pct_raw, int) or not 1 <= pct_raw <= 99:
+            raise InvalidSpec("spec.refresh.renewBeforePercentage must be a whole number from 1 to 99")
         pct = float(pct_raw)
     before: float | None = None
     if before_raw is not None:

@@ -240,12 +240,6 @@ def test_every_field_set() -> None:
             spec_with(refresh__renewBeforePercentage=99), "refresh.effective_percentage", 99.0, id="pct-99"
         ),
         pytest.param(
-            spec_with(refresh__renewBeforePercentage=12.5),
-            "refresh.effective_percentage",
-            12.5,
-            id="pct-float",
-        ),
-        pytest.param(
             spec_with(refresh__defaultLifetime="10s"), "refresh.default_lifetime", 10.0, id="lifetime-10s"
         ),
         pytest.param(
