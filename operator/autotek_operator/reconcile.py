@@ -244,7 +244,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     target_ok = False
     issued: str | None = None  # event reason when a new token was written
     had_token = st.token is not None
-    attempted = False
+    deferred = False  # a new token is wanted, but backoff or the floor says not yet
 
     try:
         spec = parse_spec(st.spec, name=st.name)
@@ -268,16 +268,17 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                     # The Secret is newer than the status (a crash between the two writes): trust it.
                     lifetime = (adopted.expires_at - adopted.refreshed_at).total_seconds()
                     st.next_refresh = scheduling.refresh_time(adopted.refreshed_at, lifetime, spec.refresh, deps.rand)
+                log.debug("%s: resumed: holding the token in Secret %s, valid until %s, next refresh %s",
+                          st.label(), spec.target.name, format_time(adopted.expires_at), fmt(st.next_refresh))
         reason = new_token_reason(st, now)
         if reason and not st.force_new and st.backoff_until is not None and now < st.backoff_until:
-            reason = None  # backing off after a failure; only a change cuts this short
+            reason, deferred = None, True  # backing off after a failure; only a change cuts this short
         if reason and st.last_attempt_at is not None:
             floor_at = st.last_attempt_at + timedelta(seconds=scheduling.FLOOR_SECONDS)
             if now < floor_at:
                 st.next_refresh = floor_at  # never more than one request per floor interval
-                reason = None
+                reason, deferred = None, True
         if reason:
-            attempted = True
             st.last_attempt_at = now
             st.force_new = None
             if st.refresh_request:
@@ -353,7 +354,9 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             now,
         )
 
-    if error is None:
+    if error is None and deferred:
+        pass  # nothing was tried: the failure record stands
+    elif error is None:
         st.failed_attempts = 0
         st.last_failure_time = None
         st.last_failure_reason = None
@@ -393,11 +396,11 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             _event(deps, st, "Warning", c.EVENT_EXPIRED, readiness.message, now)
     elif error is not None:
         readiness = Readiness(False, error.reason, error.message)
+    elif deferred and st.last_failure_reason:
+        previous = next((x for x in st.status.get("conditions") or () if x.get("type") == c.CONDITION_READY), {})
+        readiness = Readiness(False, st.last_failure_reason, str(previous.get("message", "")))
     else:
         readiness = Readiness(False, c.REASON_PENDING, "waiting for the first token")
-
-    if not attempted and error is None and st.token is None:
-        st.next_refresh = None
 
     tok = st.token
     desired_status: dict[str, Any] = {

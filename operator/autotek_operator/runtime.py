@@ -168,13 +168,15 @@ class Runtime:
                 self.pending.pop(key, None)
             self._slots.release()
 
-    def _change(self, key: Key, change: Change) -> None:
+    def _change(self, key: Key, change: Change, what: str) -> None:
         """Apply an event's change now, or after the pass in flight; schedule if it asks."""
         if key in self.inflight:
+            log.debug("%s/%s: %s during a pass; looking again afterwards", key[0], key[1], what)
             self.pending.setdefault(key, []).append(change)
             return
         st = self.states.get(key)
         if st is not None and change(st):
+            log.debug("%s/%s: %s; pass scheduled", key[0], key[1], what)
             self.schedule(key)
 
     # -- indexes -----------------------------------------------------------------------------
@@ -238,7 +240,7 @@ class Runtime:
                 return True
             return False
 
-        self._change(key, change)
+        self._change(key, change, "credential changed")
 
     def _resume_reason(self, st: CredentialState) -> str | None:
         """Why a credential seen for the first time (new, or after a restart) needs a token now."""
@@ -283,7 +285,7 @@ class Runtime:
                 st.force_new = "the client Secret changed"
                 return True
 
-            self._change(key, client_change)
+            self._change(key, client_change, f"client Secret {event_type or 'listed'}")
 
         for key in tuple(self.target_index.get(skey, ())):
 
@@ -291,4 +293,4 @@ class Runtime:
                 # Our own writes come back with the version we recorded: nothing to do.
                 return deleted or version != st.target_version
 
-            self._change(key, target_change)
+            self._change(key, target_change, f"target Secret {event_type or 'listed'}")

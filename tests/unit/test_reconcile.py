@@ -376,3 +376,23 @@ def test_nothing_secret_in_status_events_or_state_repr(world: Any, caplog: pytes
     text = repr(kube.statuses) + repr(kube.events) + repr(st) + caplog.text
     for needle in (SECRET, "tok-1", b64(SECRET), b64("tok-1")):
         assert needle not in text
+
+
+def test_change_right_after_failure_retries_at_the_floor(world: Any) -> None:
+    clock, kube, tokens, deps = world
+    tokens.errors.append(errors.InvalidClient("refused"))
+    st = run_pass(CredentialState.from_body(body()), deps)
+    assert st.next_refresh is not None and st.next_refresh - clock.now >= timedelta(seconds=45)
+    clock.advance(2)
+    st.force_new = "the client Secret changed"
+    st.client = None
+    st = run_pass(st, deps)
+    # Too soon for another request: deferred to the floor, failure record kept.
+    assert len(tokens.requests) == 1
+    assert st.next_refresh == T0 + timedelta(seconds=10)
+    assert ready(kube)["reason"] == "InvalidClient"
+    assert kube.statuses[(NS, "autotek")]["failedAttempts"] == 1
+    clock.now = st.next_refresh
+    run_pass(st, deps)
+    assert len(tokens.requests) == 2
+    assert ready(kube)["status"] == "True"

@@ -1,0 +1,287 @@
+"""Processes and helpers for integration tests: the real operator, a token endpoint, an API server.
+
+The API server is the cluster named by ``AUTOTEK_TEST_KUBECONFIG`` when that is set (kind or any
+other cluster), else the embedded emulator started as its own process. The token endpoint is the
+broker double, also its own process. Everything talks real HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kubernetes
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "autotekcredentials.autotek.io.yaml"
+GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.25) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except ApiException as exc:
+            last = f"ApiException {exc.status}"
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def _start_with_ready_line(cmd: list[str], marker: str, log_path: Path, env: dict[str, str] | None = None,
+                           timeout: float = 30.0) -> tuple[subprocess.Popen[str], str]:
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(marker):
+            return proc, line.split()[-1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{cmd!r} did not become ready; see {log_path}")
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Broker:
+    """The token-endpoint double as a process, driven through its control API."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.proc, self.url = _start_with_ready_line(
+            [sys.executable, "-m", "autotek_operator.dev.broker", "--port", "0"],
+            "BROKER READY", workdir / "broker.log",
+        )
+        self.token_url = self.url + "/auth-broker/request-token"
+        self.clients: dict[str, str] = {}
+
+    def _call(self, method: str, path: str, doc: Any = None) -> Any:
+        data = json.dumps(doc).encode() if doc is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+            body = resp.read()
+        return json.loads(body) if body else None
+
+    def control(self, **changes: Any) -> None:
+        self._call("POST", "/_control", changes)
+
+    def add_client(self, client_id: str, secret: str) -> None:
+        self.clients[client_id] = secret
+        self.control(clients=self.clients)
+
+    def remove_client(self, client_id: str) -> None:
+        self.clients.pop(client_id, None)
+        self.control(clients=self.clients)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/_stats")
+        return result
+
+    def requests_for(self, client_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.stats()["requests"] if r.get("client_id") == client_id]
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Cluster:
+    """An API server: a given cluster, or the emulator as a child process."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        given = os.environ.get("AUTOTEK_TEST_KUBECONFIG")
+        if given:
+            self.kubeconfig = Path(given)
+            self.emulated = False
+        else:
+            self.kubeconfig = workdir / "kubeconfig"
+            self.proc, self.url = _start_with_ready_line(
+                [sys.executable, "-m", "autotek_operator.dev.emulator", "--port", "0",
+                 "--kubeconfig", str(self.kubeconfig)],
+                "EMULATOR READY", workdir / "emulator.log",
+            )
+            self.emulated = True
+        self.api = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+        self.core = kubernetes.client.CoreV1Api(self.api)
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        if not self.emulated:
+            self._install_crd()
+
+    def _install_crd(self) -> None:
+        ext = kubernetes.client.ApiextensionsV1Api(self.api)
+        crd = yaml.safe_load(CRD_FILE.read_text())
+        try:
+            ext.create_custom_resource_definition(crd)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        wait_for("the CRD to be established", lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in (ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or [])
+        ))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def create_namespace(self, prefix: str = "it") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        return name
+
+    def delete_namespace(self, name: str) -> None:
+        if self.emulated:
+            return  # the emulator has no namespace cascade; objects are left to the process
+        try:
+            self.core.delete_namespace(name)
+        except ApiException:
+            pass
+
+    def put_client_secret(self, ns: str, name: str, data: dict[str, str]) -> None:
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+                "type": "Opaque", "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        try:
+            self.core.create_namespaced_secret(ns, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.replace_namespaced_secret(name, ns, body)
+
+    def secret(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            resp = self.core.read_namespaced_secret(name, ns, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        doc: dict[str, Any] = json.loads(resp.data)
+        return doc
+
+    def secret_data(self, ns: str, name: str) -> dict[str, str] | None:
+        s = self.secret(ns, name)
+        if s is None:
+            return None
+        return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+
+    def create_credential(self, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AutoTekCredential",
+                "metadata": {"name": name, "namespace": ns}, "spec": spec}
+        result: dict[str, Any] = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+        return result
+
+    def credential(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_credential(self, ns: str, name: str, patch: dict[str, Any]) -> None:
+        self.custom.api_client.call_api  # noqa: B018 - keep the client warm
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch,
+                                                   _content_type="application/merge-patch+json")
+
+    def delete_credential(self, ns: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def list_credentials(self) -> list[dict[str, Any]]:
+        result = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    def events(self, ns: str) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_event(ns, _preload_content=False)
+        items: list[dict[str, Any]] = json.loads(resp.data).get("items", [])
+        return items
+
+    def ready(self, ns: str, name: str) -> dict[str, Any] | None:
+        obj = self.credential(ns, name) or {}
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "Ready":
+                return dict(cond)
+        return None
+
+
+class Operator:
+    """``autotek-operator run`` as a child process, logging at DEBUG into a file."""
+
+    def __init__(self, cluster: Cluster, broker: Broker, workdir: Path, extra_env: dict[str, str] | None = None):
+        self.cluster, self.broker, self.workdir = cluster, broker, workdir
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    def start(self) -> None:
+        log_path = self.workdir / f"operator-{len(self.logs)}.log"
+        self.logs.append(log_path)
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "AUTOTEK_ALLOWED_TOKEN_URLS": self.broker.url + "/",
+            "AUTOTEK_LOG_LEVEL": "DEBUG",
+            "AUTOTEK_HEALTH_PORT": "0",
+            "AUTOTEK_METRICS_PORT": "0",
+            "AUTOTEK_WATCH_TIMEOUT": "10",
+            **self.extra_env,
+        }
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - our own entry point
+                [sys.executable, "-m", "autotek_operator", "run"], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        wait_for("the operator to start watching", lambda: "Activity 'startup' succeeded" in self.log_text(),
+                 timeout=30)
+        time.sleep(1.0)  # the watches open right after the startup activity
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, sig)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self, all_runs: bool = False) -> str:
+        paths = self.logs if all_runs else self.logs[-1:]
+        return "".join(p.read_text(errors="replace") for p in paths if p.exists())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
