@@ -64,16 +64,21 @@ def load_api_client(pool_size: int = 16) -> ApiClient:
     """An API client for the in-cluster service account, else the current kubeconfig."""
     config = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=config)
+        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=config)
+        kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
     config.connection_pool_maxsize = pool_size
     config.retries = False
     return ApiClient(configuration=config)
 
 
 def _is_404(exc: ApiException) -> bool:
-    return exc.status == 404
+    return bool(exc.status == 404)
+
+
+def _raw(body: Any) -> Any:
+    """Bodies go out as plain JSON-able dicts; the client's typed models are not used."""
+    return body
 
 
 class Kube:
@@ -101,7 +106,7 @@ class Kube:
     def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         try:
             resp = self.core.create_namespaced_secret(
-                namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
             )
         except ApiException as exc:
             if exc.status == 409:
@@ -112,7 +117,7 @@ class Kube:
     @api_call("", "secrets", "update")
     def replace_secret(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         resp = self.core.replace_namespaced_secret(
-            name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            name, namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
         )
         return _json(resp)
 
@@ -122,7 +127,7 @@ class Kube:
             resp = self.core.patch_namespaced_secret(
                 name,
                 namespace,
-                patch,
+                _raw(patch),
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
                 _content_type="application/merge-patch+json",
@@ -140,7 +145,7 @@ class Kube:
             body["preconditions"] = {"uid": uid}
         try:
             self.core.delete_namespaced_secret(
-                name, namespace, body=body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                name, namespace, body=_raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
             )
         except ApiException as exc:
             if exc.status in (404, 409):
@@ -200,7 +205,9 @@ class Kube:
             "reportingComponent": c.MANAGER,
             "reportingInstance": c.MANAGER,
         }
-        self.core.create_namespaced_event(namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+        self.core.create_namespaced_event(
+            namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+        )
 
 
 def _json(resp: Any) -> dict[str, Any]:

@@ -268,8 +268,13 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                     # The Secret is newer than the status (a crash between the two writes): trust it.
                     lifetime = (adopted.expires_at - adopted.refreshed_at).total_seconds()
                     st.next_refresh = scheduling.refresh_time(adopted.refreshed_at, lifetime, spec.refresh, deps.rand)
-                log.debug("%s: resumed: holding the token in Secret %s, valid until %s, next refresh %s",
-                          st.label(), spec.target.name, format_time(adopted.expires_at), fmt(st.next_refresh))
+                log.debug(
+                    "%s: resumed: holding the token in Secret %s, valid until %s, next refresh %s",
+                    st.label(),
+                    spec.target.name,
+                    format_time(adopted.expires_at),
+                    fmt(st.next_refresh),
+                )
         reason = new_token_reason(st, now)
         if reason and not st.force_new and st.backoff_until is not None and now < st.backoff_until:
             reason, deferred = None, True  # backing off after a failure; only a change cuts this short
@@ -397,7 +402,9 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     elif error is not None:
         readiness = Readiness(False, error.reason, error.message)
     elif deferred and st.last_failure_reason:
-        previous = next((x for x in st.status.get("conditions") or () if x.get("type") == c.CONDITION_READY), {})
+        previous: Mapping[str, Any] = next(
+            (x for x in st.status.get("conditions") or () if x.get("type") == c.CONDITION_READY), {}
+        )
         readiness = Readiness(False, st.last_failure_reason, str(previous.get("message", "")))
     else:
         readiness = Readiness(False, c.REASON_PENDING, "waiting for the first token")

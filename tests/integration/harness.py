@@ -48,7 +48,7 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, inter
 
 def _start_with_ready_line(cmd: list[str], marker: str, log_path: Path, env: dict[str, str] | None = None,
                            timeout: float = 30.0) -> tuple[subprocess.Popen[str], str]:
-    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
@@ -88,7 +88,7 @@ class Broker:
         data = json.dumps(doc).encode() if doc is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(req, timeout=10) as resp:
             body = resp.read()
         return json.loads(body) if body else None
 
@@ -263,7 +263,7 @@ class Operator:
             **self.extra_env,
         }
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own entry point
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", "autotek_operator", "run"], stdout=log, stderr=subprocess.STDOUT, env=env
             )
         wait_for("the operator to start watching", lambda: "Activity 'startup' succeeded" in self.log_text(),

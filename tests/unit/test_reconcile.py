@@ -6,13 +6,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from fakes import T0, Clock, FakeKube, FakeTokens, b64, unb64
 
 from autotek_operator import constants as c
 from autotek_operator import errors
 from autotek_operator.reconcile import CredentialState, Deps, cleanup_deleted, run_pass
 from autotek_operator.timefmt import format_time
-
-from fakes import T0, Clock, FakeKube, FakeTokens, b64, unb64
 
 NS = "shop"
 SECRET = "s3cr3t-value"

@@ -37,6 +37,11 @@ def _api(url: str) -> Any:
     return kubernetes.client.ApiClient(config)
 
 
+def _plain(body: dict[str, Any]) -> Any:
+    """Bodies are sent as plain dicts, not the client's typed models."""
+    return body
+
+
 def _say(text: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -50,7 +55,10 @@ def run_demo(*, lifetime: int = 30, rotations: int = 0) -> int:
     from .emulator import EmulatorThread
 
     workdir = Path(tempfile.mkdtemp(prefix="autotek-demo-"))
-    with EmulatorThread(port=0) as emulator, BrokerServer(clients={CLIENT_ID: CLIENT_SECRET}, lifetime=lifetime) as broker:
+    with (
+        EmulatorThread(port=0) as emulator,
+        BrokerServer(clients={CLIENT_ID: CLIENT_SECRET}, lifetime=lifetime) as broker,
+    ):
         kubeconfig = emulator.write_kubeconfig(workdir / "kubeconfig")
         _say(f"Kubernetes API emulator at {emulator.url}; kubeconfig {kubeconfig}")
         _say(f"token endpoint at {broker.token_url} issuing {lifetime}s tokens")
@@ -63,7 +71,7 @@ def run_demo(*, lifetime: int = 30, rotations: int = 0) -> int:
             "AUTOTEK_WATCH_TIMEOUT": "10",
         }
         env.setdefault("AUTOTEK_LOG_LEVEL", "INFO")
-        operator = subprocess.Popen(  # noqa: S603 - our own entry point
+        operator = subprocess.Popen(
             [sys.executable, "-m", "autotek_operator", "run"], env=env
         )
         try:
@@ -71,24 +79,35 @@ def run_demo(*, lifetime: int = 30, rotations: int = 0) -> int:
             core, custom = CoreV1Api(api), CustomObjectsApi(api)
             time.sleep(2)  # let the operator's watches start before the objects arrive
             try:
-                core.create_namespace({"metadata": {"name": NAMESPACE}})
+                core.create_namespace(_plain({"metadata": {"name": NAMESPACE}}))
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-            core.create_namespaced_secret(NAMESPACE, {
-                "metadata": {"name": "autotek-client"},
-                "stringData": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
-            })
-            custom.create_namespaced_custom_object(c.GROUP, c.VERSION, NAMESPACE, c.PLURAL, {
-                "apiVersion": c.API_VERSION,
-                "kind": c.KIND,
-                "metadata": {"name": "autotek"},
-                "spec": {
-                    "clientSecretRef": {"name": "autotek-client"},
-                    "tokenURL": broker.token_url,
-                    "target": {"name": "autotek-token"},
+            core.create_namespaced_secret(
+                NAMESPACE,
+                _plain(
+                    {
+                        "metadata": {"name": "autotek-client"},
+                        "stringData": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
+                    }
+                ),
+            )
+            custom.create_namespaced_custom_object(
+                c.GROUP,
+                c.VERSION,
+                NAMESPACE,
+                c.PLURAL,
+                {
+                    "apiVersion": c.API_VERSION,
+                    "kind": c.KIND,
+                    "metadata": {"name": "autotek"},
+                    "spec": {
+                        "clientSecretRef": {"name": "autotek-client"},
+                        "tokenURL": broker.token_url,
+                        "target": {"name": "autotek-token"},
+                    },
                 },
-            })
+            )
             _say(f"applied Secret {NAMESPACE}/autotek-client and AutoTekCredential {NAMESPACE}/autotek")
             return _watch(core, custom, rotations, operator)
         except KeyboardInterrupt:
@@ -129,7 +148,8 @@ def _watch(core: Any, custom: Any, rotations: int, operator: subprocess.Popen[by
         summary = (
             f"Ready={cond.get('status')} reason={cond.get('reason')} expiresAt={status.get('expiresAt')} "
             f"nextRefreshTime={status.get('nextRefreshTime')}"
-            if cond else "no status yet"
+            if cond
+            else "no status yet"
         )
         if summary != last_status:
             _say(f"status: {summary}")

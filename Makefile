@@ -1,0 +1,46 @@
+# Everything runs from a virtual environment inside the repository, created on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv test unit integration lint typecheck demo bench e2e clean
+
+help:
+	@echo "make demo   - run the operator against an embedded Kubernetes API and a local token endpoint"
+	@echo "make test   - lint, type-check and run every test that needs no Docker (unit, CRD, token client, integration)"
+	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker and kind)"
+	@echo "make bench  - benchmarks"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check operator tests
+	$(BIN)/ruff format --check operator/autotek_operator
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit tests/crd tests/token_client tests/emulator
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+test: lint typecheck $(STAMP)
+	$(BIN)/pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/autotek-operator demo
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q tests/e2e --with-e2e
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Development doubles: an embedded Kubernetes API emulator and a token endpoint."""
