@@ -12,6 +12,7 @@ import email.utils
 import hashlib
 import json
 import math
+import socket
 import ssl
 import threading
 import time
@@ -19,10 +20,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import errors
 from .spec import AUTH_BASIC
@@ -102,6 +105,10 @@ def url_allowed(url: str, allowed_prefixes: Iterable[str]) -> bool:
         return False
     if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password:
         return False
+    # "/allowed/../elsewhere" would pass a prefix test and then leave the prefix on the wire.
+    segments = u.path.split("/")
+    if any(seg in (".", "..") or seg.lower().replace("%2e", ".") in (".", "..") for seg in segments):
+        return False
     for prefix in allowed_prefixes:
         try:
             p = urlsplit(prefix)
@@ -124,7 +131,7 @@ def _parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -141,25 +148,30 @@ def _parse_lifetime(raw: Any, default_lifetime: float) -> tuple[float, bool]:
     if isinstance(raw, bool):
         raise errors.InvalidTokenResponse("expires_in is not a number")
     if isinstance(raw, int | float):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:
+            value = math.inf if raw > 0 else -math.inf
     elif isinstance(raw, str):
         try:
             value = float(raw.strip())
-        except ValueError:
+        except (ValueError, OverflowError):
             raise errors.InvalidTokenResponse("expires_in is not a number") from None
     else:
         raise errors.InvalidTokenResponse("expires_in is not a number")
-    if not math.isfinite(value):
-        raise errors.InvalidTokenResponse("expires_in is not a finite number")
+    if math.isnan(value):
+        raise errors.InvalidTokenResponse("expires_in is not a number")
     if value <= 0:
         raise errors.InvalidTokenResponse("expires_in is zero or negative")
+    if math.isinf(value):
+        raise errors.InvalidTokenResponse("expires_in is not a finite number")
     return value, False
 
 
 def _oauth_error(body: bytes) -> tuple[str | None, str | None]:
     try:
         doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None, None
     if not isinstance(doc, dict):
         return None, None
@@ -172,9 +184,11 @@ def _oauth_error(body: bytes) -> tuple[str | None, str | None]:
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:
+    """Remove each secret from ``text``, also in the encodings a server might echo back."""
     for s in secrets:
         if s:
-            text = text.replace(s, "***")
+            for form in {s, quote(s, safe=""), quote_plus(s)}:
+                text = text.replace(form, "***")
     return text
 
 
@@ -193,7 +207,7 @@ def parse_response(
     if status == 200:
         try:
             doc = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise errors.InvalidTokenResponse("the token endpoint answered 200 with a body that is not JSON") from None
         if not isinstance(doc, dict):
             raise errors.InvalidTokenResponse("the token endpoint answered 200 with JSON that is not an object")
@@ -239,9 +253,77 @@ def parse_response(
 
 
 def basic_authorization(client_id: str, client_secret: str) -> str:
-    """RFC 6749 §2.3.1: form-urlencode id and secret, then base64 ``id:secret``."""
-    raw = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
+    """RFC 6749 §2.3.1: form-urlencode id and secret, then base64 ``id:secret``.
+
+    Spaces become ``%20`` rather than ``+``: both are valid form encoding, and ``%20`` is also
+    read correctly by servers that decode with plain percent-decoding (Authlib, for one)."""
+    raw = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}".encode()
     return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+# -- a whole-request deadline ------------------------------------------------------------------
+# requests' timeouts bound each connect and each read, so a server that drips bytes slowly can
+# hold a request for ever. Connections opened for a request are recorded (per thread), and a
+# watchdog shuts their sockets down when the request's deadline passes.
+
+_tracking = threading.local()
+
+
+def _record(conn: HTTPConnection) -> None:
+    conns: list[HTTPConnection] | None = getattr(_tracking, "conns", None)
+    if conns is not None:
+        conns.append(conn)
+
+
+class _TrackedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        _record(self)
+        super().connect()
+
+
+class _TrackedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        _record(self)
+        super().connect()
+
+
+class _TrackedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTPConnection
+
+
+class _TrackedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPSConnection
+
+
+def _track(adapter: HTTPAdapter) -> HTTPAdapter:
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _TrackedHTTPPool, "https": _TrackedHTTPSPool}
+    return adapter
+
+
+def _abort(conns: list[HTTPConnection], fired: threading.Event) -> None:
+    fired.set()
+    for conn in list(conns):
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _transport_error(
+    exc: requests.exceptions.RequestException, where: str, deadline_passed: bool, reading: bool = False
+) -> errors.AutoTekError:
+    """A typed error with our own text for a ``requests`` failure (whose text may hold URLs)."""
+    if deadline_passed or isinstance(exc, requests.exceptions.Timeout):
+        return errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
+    if reading:
+        return errors.TokenEndpointUnavailable(f"reading the answer from {where} failed")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return errors.TokenEndpointUnavailable(f"TLS verification with {where} failed")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return errors.TokenEndpointUnavailable(f"could not connect to the token endpoint {where}")
+    return errors.TokenEndpointUnavailable(f"the request to the token endpoint {where} failed")
 
 
 class _PinnedCAAdapter(HTTPAdapter):
@@ -282,8 +364,12 @@ class TokenClient:
 
     def check_allowed(self, url: str) -> None:
         if not url_allowed(url, self.allowed_prefixes):
+            try:
+                shown = safe_url(url)
+            except ValueError:
+                shown = "(unparseable)"
             raise errors.TokenURLNotAllowed(
-                f"token URL {safe_url(url)} is not allowed by this operator's AUTOTEK_ALLOWED_TOKEN_URLS"
+                f"token URL {shown} is not allowed by this operator's AUTOTEK_ALLOWED_TOKEN_URLS"
             )
 
     def _context_for(self, ca_bundle: str) -> ssl.SSLContext:
@@ -309,8 +395,11 @@ class TokenClient:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # no proxies or netrc credentials picked up from the environment
+            session.mount("http://", _track(HTTPAdapter()))
             if ca_bundle:
-                session.mount("https://", _PinnedCAAdapter(self._context_for(ca_bundle)))
+                session.mount("https://", _track(_PinnedCAAdapter(self._context_for(ca_bundle))))
+            else:
+                session.mount("https://", _track(HTTPAdapter()))
             sessions[key] = session
         return session
 
@@ -326,12 +415,18 @@ class TokenClient:
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
             "User-Agent": "autotek-operator",
+            # A fresh connection per request: token requests are rare, and the deadline
+            # watchdog only sees connections opened for the request it guards.
+            "Connection": "close",
         }
         if req.auth_method == AUTH_BASIC:
             headers["Authorization"] = basic_authorization(req.client_id, req.client_secret)
         else:
             form.extend([("client_id", req.client_id), ("client_secret", req.client_secret)])
-        secrets = (req.client_secret, req.client_id) if req.client_secret else ()
+        secrets: tuple[str, ...] = ()
+        if req.client_secret:
+            basic = basic_authorization(req.client_id, req.client_secret).removeprefix("Basic ")
+            secrets = (req.client_secret, basic, basic.rstrip("="), req.client_id)
         where = safe_url(req.token_url)
         with self._slots:
             sent_at = self._clock()
@@ -372,6 +467,28 @@ class TokenClient:
         where: str,
     ) -> tuple[int, Mapping[str, str], bytes]:
         deadline = time.monotonic() + self.timeout * 2
+        conns: list[HTTPConnection] = []
+        fired = threading.Event()
+        watchdog = threading.Timer(self.timeout * 2, _abort, args=(conns, fired))
+        watchdog.daemon = True
+        _tracking.conns = conns
+        watchdog.start()
+        try:
+            return self._exchange(session, url, form, headers, where, deadline, fired)
+        finally:
+            watchdog.cancel()
+            _tracking.conns = None
+
+    def _exchange(
+        self,
+        session: requests.Session,
+        url: str,
+        form: list[tuple[str, str]],
+        headers: dict[str, str],
+        where: str,
+        deadline: float,
+        fired: threading.Event,
+    ) -> tuple[int, Mapping[str, str], bytes]:
         try:
             resp = session.post(
                 url,
@@ -382,17 +499,11 @@ class TokenClient:
                 stream=True,
                 verify=True,
             )
-        except requests.exceptions.SSLError:
-            raise errors.TokenEndpointUnavailable(f"TLS verification with {where} failed") from None
-        except requests.exceptions.Timeout:
-            raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out") from None
-        except requests.exceptions.ConnectionError:
-            raise errors.TokenEndpointUnavailable(f"could not connect to the token endpoint {where}") from None
-        except requests.exceptions.RequestException:
-            raise errors.TokenEndpointUnavailable(f"the request to the token endpoint {where} failed") from None
+        except requests.exceptions.RequestException as exc:
+            raise _transport_error(exc, where, fired.is_set()) from None
         try:
             length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
+            if length is not None and length.isascii() and length.isdigit() and int(length) > self.max_body:
                 raise errors.InvalidTokenResponse(
                     f"the token endpoint's answer is larger than {self.max_body} bytes; refused unread"
                 )
@@ -408,8 +519,10 @@ class TokenClient:
                     if time.monotonic() > deadline:
                         raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
                     chunks.append(chunk)
-            except requests.exceptions.RequestException:
-                raise errors.TokenEndpointUnavailable(f"reading the answer from {where} failed") from None
+            except requests.exceptions.RequestException as exc:
+                raise _transport_error(exc, where, fired.is_set(), reading=True) from None
+            if fired.is_set():
+                raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
             return resp.status_code, resp.headers, b"".join(chunks)
         finally:
             resp.close()
