@@ -71,9 +71,7 @@ def run_demo(*, lifetime: int = 30, rotations: int = 0) -> int:
             "AUTOTEK_WATCH_TIMEOUT": "10",
         }
         env.setdefault("AUTOTEK_LOG_LEVEL", "INFO")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "autotek_operator", "run"], env=env
-        )
+        operator = subprocess.Popen([sys.executable, "-m", "autotek_operator", "run"], env=env)
         try:
             api = _api(emulator.url)
             core, custom = CoreV1Api(api), CustomObjectsApi(api)

@@ -91,14 +91,23 @@ class ApiError(Exception):
         self.code, self.reason, self.message, self.details = code, reason, message, details
 
     def status(self) -> Obj:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
-                "reason": self.reason, "code": self.code, **({"details": dict(self.details)} if self.details else {})}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+            **({"details": dict(self.details)} if self.details else {}),
+        }
 
 
 def _not_found(key: Key) -> ApiError:
     res, _, name = key
-    return ApiError(404, "NotFound", f'{res.plural} "{name}" not found',
-                    {"name": name, "group": res.group, "kind": res.plural})
+    return ApiError(
+        404, "NotFound", f'{res.plural} "{name}" not found', {"name": name, "group": res.group, "kind": res.plural}
+    )
 
 
 class _Objects(k8s_views.ObjectsArray):
@@ -139,8 +148,9 @@ def _selector(params: Mapping[str, str], namespace: str | None, name: str | None
         if m := _SET_TERM.fullmatch(term.strip()):
             labels.append((m[1], m[2], {v.strip() for v in m[3].split(",")}))
         elif (m := _EQ_TERM.fullmatch(term.strip())) and not (m[1] and m[3]):
-            labels.append((m[2], "!" if m[1] else "exists" if not m[3] else "notin" if m[3] == "!=" else "in",
-                           {m[4] or ""}))
+            labels.append(
+                (m[2], "!" if m[1] else "exists" if not m[3] else "notin" if m[3] == "!=" else "in", {m[4] or ""})
+            )
         else:
             raise ApiError(400, "BadRequest", f"unable to parse requirement: {term!r}")
     fields: list[tuple[str, bool, str | None]] = []  # metadata key, equal?, value
@@ -155,8 +165,12 @@ def _selector(params: Mapping[str, str], namespace: str | None, name: str | None
         meta = obj.get("metadata") or {}
         have = meta.get("labels") or {}
         return all((meta.get(key) == value) == equal for key, equal, value in fields) and all(
-            (key in have) == (op == "exists") if op in ("exists", "!") else
-            (key in have and have[key] in values) == (op == "in") for key, op, values in labels)
+            (key in have) == (op == "exists")
+            if op in ("exists", "!")
+            else (key in have and have[key] in values) == (op == "in")
+            for key, op, values in labels
+        )
+
     return check
 
 
@@ -188,8 +202,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     _objects: k8s_views.ObjectsArray = attrs.field(factory=_Objects, init=False)
     _rv: int = attrs.field(default=0, init=False)  # the global resourceVersion counter
-    _history: collections.deque[Event] = attrs.field(
-        factory=lambda: collections.deque(maxlen=HISTORY_SIZE), init=False)
+    _history: collections.deque[Event] = attrs.field(factory=lambda: collections.deque(maxlen=HISTORY_SIZE), init=False)
     _floor: int = attrs.field(default=0, init=False)  # the newest resourceVersion dropped from _history
     _watchers: set[asyncio.Queue[Event | None]] = attrs.field(factory=set, init=False)
     _counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter, init=False)
@@ -199,7 +212,8 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         for spec, (kind, namespaced, subresources) in RESOURCES.items():  # gap 14
             self.resources[spec] = kmock.ResourceInfo(
-                kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=VERBS, subresources=subresources)
+                kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=VERBS, subresources=subresources
+            )
         self.resources["autotek.io/v1alpha1/autotekcredentials"].shortnames = {"atc"}
         self.resources["autotek.io/v1alpha1/autotekcredentials"].categories = {"autotek"}
         for namespace in ("default", "kube-system"):
@@ -259,11 +273,23 @@ class Emulator(kmock.KubernetesEmulator):
         watching = raw.method == "GET" and params.get("watch", "").lower() in ("true", "1")
         self._count("WATCH" if watching else raw.method, plural, sub or "")
         request = rendering.Request(
-            id=len(self._requests), raw_request=raw, url=raw.url, method=raw.method, params=params,
-            headers=dict(raw.headers), body=body, text=body.decode(errors="replace"), data=data,
-            action=parsing.guess_k8s(parsing.ParsedPath(group, version, plural, namespace, name, sub),
-                                     kmock.method(raw.method), params),
-            resource=kmock.resource(group, version, plural), namespace=namespace, name=name, subresource=sub)
+            id=len(self._requests),
+            raw_request=raw,
+            url=raw.url,
+            method=raw.method,
+            params=params,
+            headers=dict(raw.headers),
+            body=body,
+            text=body.decode(errors="replace"),
+            data=data,
+            action=parsing.guess_k8s(
+                parsing.ParsedPath(group, version, plural, namespace, name, sub), kmock.method(raw.method), params
+            ),
+            resource=kmock.resource(group, version, plural),
+            namespace=namespace,
+            name=name,
+            subresource=sub,
+        )
         self._requests.append(request)  # kmock's request log, kept short (gap 15)
         self._trim_log()
         try:
@@ -293,21 +319,31 @@ class Emulator(kmock.KubernetesEmulator):
                 pass
         return None
 
-    async def _serve(self, rq: rendering.Request, raw: aiohttp.web.BaseRequest,
-                     watching: bool) -> aiohttp.web.StreamResponse:
+    async def _serve(
+        self, rq: rendering.Request, raw: aiohttp.web.BaseRequest, watching: bool
+    ) -> aiohttp.web.StreamResponse:
         res, ns, name, sub, method, data = rq.resource, rq.namespace, rq.name, rq.subresource, rq.method.value, rq.data
         assert res is not None
         info = self.resources[res] if res in self.resources else None
-        if (info is None or (not info.namespaced and ns is not None) or sub not in (None, *info.subresources)
-                or (info.namespaced and ns is None and (name is not None or method != "GET"))):
+        if (
+            info is None
+            or (not info.namespaced and ns is not None)
+            or sub not in (None, *info.subresources)
+            or (info.namespaced and ns is None and (name is not None or method != "GET"))
+        ):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if watching:
             return await self._watch(res, rq.params, ns, name, raw)
         if name is None and method == "GET":
             items = self._list(res, _selector(rq.params, ns, None))
-            return aiohttp.web.json_response({  # gap 9: a real resourceVersion, to watch from
-                "apiVersion": _api_version(res), "kind": f"{info.kind}List",
-                "metadata": {"resourceVersion": str(self._rv)}, "items": items})
+            return aiohttp.web.json_response(
+                {  # gap 9: a real resourceVersion, to watch from
+                    "apiVersion": _api_version(res),
+                    "kind": f"{info.kind}List",
+                    "metadata": {"resourceVersion": str(self._rv)},
+                    "items": items,
+                }
+            )
         if name is None and method == "POST":
             return aiohttp.web.json_response(self._create(res, ns, data), status=201)  # gap 5
         if name is None or method not in ("GET", "PUT", "PATCH", "DELETE"):
@@ -317,8 +353,9 @@ class Emulator(kmock.KubernetesEmulator):
         key: Key = (res, ns, name)
         if (old := self.read_object(res, ns, name)) is None:
             if method == "PUT" and sub is None:  # gap 4: PUT routed; it creates a missing object (201, gap 5)
-                return aiohttp.web.json_response(self._create(res, ns, _merge(data, {"metadata": {"name": name}})),
-                                                 status=201)
+                return aiohttp.web.json_response(
+                    self._create(res, ns, _merge(data, {"metadata": {"name": name}})), status=201
+                )
             raise _not_found(key)
         if method == "GET":
             return aiohttp.web.json_response(old)
@@ -350,8 +387,12 @@ class Emulator(kmock.KubernetesEmulator):
         if not _NAME.fullmatch(meta.get("name") or ""):
             raise ApiError(422, "Invalid", f"metadata.name: Invalid value: {meta.get('name')!r}")
         if self.read_object(res, ns, meta["name"]) is not None:
-            raise ApiError(409, "AlreadyExists", f'{res.plural} "{meta["name"]}" already exists',
-                           {"name": meta["name"], "group": res.group, "kind": res.plural})
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{res.plural} "{meta["name"]}" already exists',
+                {"name": meta["name"], "group": res.group, "kind": res.plural},
+            )
         if "status" in info.subresources:  # gap 11: the status is written only through /status
             obj.pop("status", None)
         if res == NAMESPACES:
@@ -389,9 +430,13 @@ class Emulator(kmock.KubernetesEmulator):
             new.update({"status": status} if status is not None else {})
         meta, old_meta = new.setdefault("metadata", {}), old["metadata"]
         if meta.get("resourceVersion", old_meta["resourceVersion"]) != old_meta["resourceVersion"]:  # gap 4
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} "{key[2]}": the object '
-                           "has been modified; please apply your changes to the latest version and try again",
-                           {"name": key[2], "group": res.group, "kind": res.plural})
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {res.plural} "{key[2]}": the object '
+                "has been modified; please apply your changes to the latest version and try again",
+                {"name": key[2], "group": res.group, "kind": res.plural},
+            )
         for field in KEPT_FIELDS:
             meta.pop(field, None)
             meta.update({field: old_meta[field]} if field in old_meta else {})
@@ -413,9 +458,13 @@ class Emulator(kmock.KubernetesEmulator):
     def _delete(self, key: Key, old: Obj, options: Obj) -> Obj:
         for field, wanted in (options.get("preconditions") or {}).items():  # DeleteOptions: uid, resourceVersion
             if wanted is not None and wanted != old["metadata"].get(field):
-                raise ApiError(409, "Conflict", f"Precondition failed: {field} in precondition: {wanted}, "
-                               f"{field} in object meta: {old['metadata'].get(field)}",
-                               {"name": key[2], "group": key[0].group, "kind": key[0].plural})
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: {field} in precondition: {wanted}, "
+                    f"{field} in object meta: {old['metadata'].get(field)}",
+                    {"name": key[2], "group": key[0].group, "kind": key[0].plural},
+                )
         if old["metadata"].get("finalizers") and old["metadata"].get("deletionTimestamp"):
             return old  # already waiting for its finalizers
         new = copy.deepcopy(old)
@@ -428,15 +477,21 @@ class Emulator(kmock.KubernetesEmulator):
             return new
         self._objects._objects[key].delete()
         self._emit(key[0], "DELETED", new, old)
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {
-            "name": key[2], "group": key[0].group, "kind": key[0].plural, "uid": old["metadata"]["uid"]}}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {"name": key[2], "group": key[0].group, "kind": key[0].plural, "uid": old["metadata"]["uid"]},
+        }
 
     def _normalize(self, res: kmock.resource, obj: Obj) -> None:
         obj.setdefault("apiVersion", _api_version(res))
         obj.setdefault("kind", self.resources[res].kind)
         if res == SECRETS and "stringData" in obj:  # gap 7: stringData folds into base64 data
             obj["data"] = dict(obj.get("data") or {}) | {
-                k: base64.b64encode(str(v).encode()).decode() for k, v in (obj.pop("stringData") or {}).items()}
+                k: base64.b64encode(str(v).encode()).decode() for k, v in (obj.pop("stringData") or {}).items()
+            }
 
     def _store(self, key: Key, obj: Obj) -> None:
         found = self._objects._objects.get(key)
@@ -447,8 +502,11 @@ class Emulator(kmock.KubernetesEmulator):
             del found.history[:-VERSIONS_KEPT]
 
     def _list(self, res: kmock.resource, check: Callable[[Obj], bool]) -> list[Obj]:
-        return [found.raw for (r, _, _), found in self._objects.items() if r == res and not found.deleted
-                and check(found.raw)]
+        return [
+            found.raw
+            for (r, _, _), found in self._objects.items()
+            if r == res and not found.deleted and check(found.raw)
+        ]
 
     def _emit(self, res: kmock.resource, kind: str, obj: Obj, old: Obj | None) -> None:
         event: Event = (int(obj["metadata"]["resourceVersion"]), res, kind, obj, old)
@@ -460,8 +518,14 @@ class Emulator(kmock.KubernetesEmulator):
 
     # --- Watching ------------------------------------------------------------------------------------
 
-    async def _watch(self, res: kmock.resource, params: Mapping[str, str], ns: str | None, name: str | None,
-                     raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+    async def _watch(
+        self,
+        res: kmock.resource,
+        params: Mapping[str, str],
+        ns: str | None,
+        name: str | None,
+        raw: aiohttp.web.BaseRequest,
+    ) -> aiohttp.web.StreamResponse:
         check = _selector(params, ns, name)
         since = params.get("resourceVersion") or "0"
         if not since.isdigit():
@@ -488,8 +552,11 @@ class Emulator(kmock.KubernetesEmulator):
                     item = await asyncio.wait_for(queue.get(), None if deadline is None else deadline - loop.time())
                 except TimeoutError:
                     if params.get("allowWatchBookmarks", "").lower() == "true":  # where to resume from
-                        bookmark = {"apiVersion": _api_version(res), "kind": self.resources[res].kind,
-                                    "metadata": {"resourceVersion": str(self._rv)}}
+                        bookmark = {
+                            "apiVersion": _api_version(res),
+                            "kind": self.resources[res].kind,
+                            "metadata": {"resourceVersion": str(self._rv)},
+                        }
                         await self._send(response, check, (0, res, "BOOKMARK", bookmark, None))
                     break
                 if item is None:  # the server is shutting down
@@ -529,19 +596,29 @@ class Emulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response({"reset": True})
         if raw.method == "GET" and raw.path == "/_emulator/stats":
             counts = self.request_counts
-            return aiohttp.web.json_response({"total": sum(counts.values()), "requests": {
-                f"{m} {p}/{s}" if p and s else f"{m} {p or s}": n for (m, p, s), n in sorted(counts.items())}})
+            return aiohttp.web.json_response(
+                {
+                    "total": sum(counts.values()),
+                    "requests": {
+                        f"{m} {p}/{s}" if p and s else f"{m} {p or s}": n for (m, p, s), n in sorted(counts.items())
+                    },
+                }
+            )
         return aiohttp.web.json_response(ApiError(404, "NotFound", raw.path).status(), status=404)
 
 
 def kubeconfig(url: str, namespace: str = "default") -> Obj:
     """A kubeconfig for the emulator: one cluster, a dummy token, the context ``emulator`` as current."""
     return {
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator", "preferences": {},
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "emulator",
+        "preferences": {},
         "clusters": [{"name": "emulator", "cluster": {"server": url, "insecure-skip-tls-verify": True}}],
         "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
-                                                      "namespace": namespace}}],
+        "contexts": [
+            {"name": "emulator", "context": {"cluster": "emulator", "user": "emulator", "namespace": namespace}}
+        ],
     }
 
 
@@ -623,8 +700,10 @@ async def _serve_until_signalled(port: int, kubeconfig_path: Path | None) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m autotek_operator.dev.emulator",
-                                     description="Serve an in-memory Kubernetes API on 127.0.0.1 until SIGTERM.")
+    parser = argparse.ArgumentParser(
+        prog="python -m autotek_operator.dev.emulator",
+        description="Serve an in-memory Kubernetes API on 127.0.0.1 until SIGTERM.",
+    )
     parser.add_argument("--port", type=int, default=0, help="the port to listen on (default 0: any free port)")
     parser.add_argument("--kubeconfig", type=Path, help="write a kubeconfig for the emulator to this path")
     args = parser.parse_args(argv)
