@@ -356,7 +356,6 @@ class TokenClient:
         self.max_body = max_body
         self._clock = clock
         self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
-        self._local = threading.local()
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._contexts_lock = threading.Lock()
         #: Called after each attempt with (result class, seconds); wired to metrics.
@@ -385,28 +384,21 @@ class TokenClient:
             return ctx
 
     def _session(self, ca_bundle: str) -> requests.Session:
-        # One session per worker thread and CA bundle: sessions are not thread-safe.
-        sessions: dict[str, requests.Session] | None = getattr(self._local, "sessions", None)
-        if sessions is None:
-            sessions = {}
-            self._local.sessions = sessions
-        key = hashlib.sha256(ca_bundle.encode()).hexdigest() if ca_bundle else ""
-        session = sessions.get(key)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # no proxies or netrc credentials picked up from the environment
-            session.mount("http://", _track(HTTPAdapter()))
-            if ca_bundle:
-                session.mount("https://", _track(_PinnedCAAdapter(self._context_for(ca_bundle))))
-            else:
-                session.mount("https://", _track(HTTPAdapter()))
-            sessions[key] = session
+        """A new session per request: token requests are rare, and a connection is never reused
+        (a server may close it at any time after answering, and the deadline watchdog guards
+        only the connections opened for its own request)."""
+        session = requests.Session()
+        session.trust_env = False  # no proxies or netrc credentials picked up from the environment
+        session.mount("http://", _track(HTTPAdapter()))
+        if ca_bundle:
+            session.mount("https://", _track(_PinnedCAAdapter(self._context_for(ca_bundle))))
+        else:
+            session.mount("https://", _track(HTTPAdapter()))
         return session
 
     def request(self, req: TokenRequest) -> Token:
         """Exchange the client credentials for a token, or raise a typed AutoTekError."""
         self.check_allowed(req.token_url)
-        session = self._session(req.ca_bundle)
         form: list[tuple[str, str]] = [("grant_type", "client_credentials")]
         if req.scope:
             form.append(("scope", req.scope))
@@ -428,7 +420,7 @@ class TokenClient:
             basic = basic_authorization(req.client_id, req.client_secret).removeprefix("Basic ")
             secrets = (req.client_secret, basic, basic.rstrip("="), req.client_id)
         where = safe_url(req.token_url)
-        with self._slots:
+        with self._slots, self._session(req.ca_bundle) as session:
             sent_at = self._clock()
             started = time.monotonic()
             result = "error"
