@@ -35,6 +35,12 @@ class Settings:
     workers: int = 8
     #: AUTOTEK_WATCH_TIMEOUT: seconds a watch request stays open before it is renewed.
     watch_timeout: int = 300
+    #: AUTOTEK_LEADER_ELECTION: true to run several replicas, of which one (holding a Lease) works.
+    leader_election: bool = False
+    #: AUTOTEK_LEADER_ELECTION_NAMESPACE: where the Lease lives (default: $POD_NAMESPACE, else autotek-system).
+    leader_election_namespace: str = "autotek-system"
+    #: AUTOTEK_LEADER_ELECTION_ID: the Lease's name.
+    leader_election_id: str = "autotek-operator"
 
     @property
     def clusterwide(self) -> bool:
@@ -52,6 +58,9 @@ ENV = {
     "max_concurrent_token_requests": "AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS",
     "workers": "AUTOTEK_WORKERS",
     "watch_timeout": "AUTOTEK_WATCH_TIMEOUT",
+    "leader_election": "AUTOTEK_LEADER_ELECTION",
+    "leader_election_namespace": "AUTOTEK_LEADER_ELECTION_NAMESPACE",
+    "leader_election_id": "AUTOTEK_LEADER_ELECTION_ID",
 }
 
 
@@ -113,4 +122,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         values["workers"] = _int(ENV["workers"], raw["workers"], 1, 256)
     if raw["watch_timeout"]:
         values["watch_timeout"] = _int(ENV["watch_timeout"], raw["watch_timeout"], 1, 3600)
+    if raw["leader_election"]:
+        flag = raw["leader_election"].lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"AUTOTEK_LEADER_ELECTION must be true or false, not {raw['leader_election']!r}")
+        values["leader_election"] = flag in ("true", "1", "yes")
+    lease_ns = raw["leader_election_namespace"] or env.get("POD_NAMESPACE", "").strip()
+    if lease_ns:
+        values["leader_election_namespace"] = lease_ns
+    if raw["leader_election_id"]:
+        values["leader_election_id"] = raw["leader_election_id"]
     return Settings(**values)  # type: ignore[arg-type]

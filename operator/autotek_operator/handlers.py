@@ -7,8 +7,12 @@ that reads the real clock and the random source.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import random
+import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +21,7 @@ import kopf
 from . import constants as c
 from . import kube, metrics
 from .config import Settings
+from .leader import LeaderElector
 from .reconcile import Deps
 from .runtime import Runtime
 from .token_client import TokenClient
@@ -27,6 +32,8 @@ log = logging.getLogger("autotek_operator")
 class _Holder:
     settings: Settings = Settings()
     runtime: Runtime | None = None
+    elector: LeaderElector | None = None
+    election: asyncio.Task[None] | None = None
 
 
 STATE = _Holder()
@@ -57,6 +64,17 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     tokens.observer = metrics.observe_token_request
     deps = Deps(kube=kube.Kube(api), tokens=tokens, clock=utcnow, rand=random.random)
     STATE.runtime = Runtime(deps, workers=s.workers)
+    if s.leader_election:
+        STATE.runtime.active = False
+        STATE.elector = LeaderElector(
+            api=deps.kube,
+            namespace=s.leader_election_namespace,
+            name=s.leader_election_id,
+            identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            clock=utcnow,
+            monotonic=time.monotonic,
+        )
+        STATE.election = asyncio.create_task(_elect(STATE.elector, STATE.runtime), name="autotek-election")
     STATE.runtime.start()
     metrics.serve(s.metrics_port)
     log.info(
@@ -66,11 +84,23 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
 
 
+async def _elect(elector: LeaderElector, runtime: Runtime) -> None:
+    """Renew or contend for the Lease every retry period; lead only while it is held."""
+    while True:
+        result = await asyncio.to_thread(elector.try_acquire_or_renew)
+        runtime.set_active(elector.still_leading(result))
+        await asyncio.sleep(elector.retry_period)
+
+
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
+    if STATE.election is not None:
+        STATE.election.cancel()
     if STATE.runtime is not None:
         await STATE.runtime.stop()
-        log.info("autotek-operator stopped")
+    if STATE.elector is not None and STATE.runtime is not None and STATE.runtime.active:
+        await asyncio.to_thread(STATE.elector.release)
+    log.info("autotek-operator stopped")
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import kubernetes
 import urllib3
-from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from . import constants as c
@@ -88,6 +88,7 @@ class Kube:
         self.api_client = api_client
         self.core = CoreV1Api(api_client)
         self.custom = CustomObjectsApi(api_client)
+        self.coordination = CoordinationV1Api(api_client)
 
     def _get(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
         try:
@@ -151,6 +152,29 @@ class Kube:
             if exc.status in (404, 409):
                 return
             raise
+
+    @api_call("coordination.k8s.io", "leases", "get")
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(self.coordination.read_namespaced_lease, name, namespace)
+
+    @api_call("coordination.k8s.io", "leases", "create")
+    def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            resp = self.coordination.create_namespaced_lease(
+                namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict("lease already exists") from None
+            raise
+        return _json(resp)
+
+    @api_call("coordination.k8s.io", "leases", "update")
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        resp = self.coordination.replace_namespaced_lease(
+            name, namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+        )
+        return _json(resp)
 
     @api_call(c.GROUP, f"{c.PLURAL}/status", "patch")
     def patch_credential_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:

@@ -62,6 +62,8 @@ class Runtime:
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.passes = 0
+        #: Whether this replica runs passes (False while another replica leads).
+        self.active = True
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -82,8 +84,26 @@ class Runtime:
             await asyncio.wait(list(self._tasks), timeout=grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def set_active(self, active: bool) -> None:
+        """Lead (run passes) or follow (only keep watch state warm)."""
+        if active == self.active:
+            return
+        self.active = active
+        if active:
+            # Take over from what the previous leader stored: every credential gets a pass now,
+            # which confirms the Secret and fetches a token only where one is due.
+            for key, st in self.states.items():
+                st.force_new = self._resume_reason(st)
+                self.schedule(key)
+            log.info("leading: running passes for %d credentials", len(self.states))
+        else:
+            log.info("following: another replica runs the passes")
+        if self._wake is not None:
+            self._wake.set()
+
     def stats(self) -> dict[str, int]:
         return {
+            "active": int(self.active),
             "credentials": len(self.states),
             "scheduled": len(self._due),
             "inflight": len(self.inflight),
@@ -114,7 +134,7 @@ class Runtime:
         assert self._wake is not None and self._slots is not None
         while True:
             now = self._now().timestamp()
-            while self._heap and self._heap[0][0] <= now:
+            while self.active and self._heap and self._heap[0][0] <= now:
                 ts, _, key = heapq.heappop(self._heap)
                 if self._due.get(key) != ts:
                     continue  # superseded by an earlier or later schedule
@@ -129,7 +149,7 @@ class Runtime:
                 task = asyncio.create_task(self._run(key))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            timeout = max(0.0, self._heap[0][0] - self._now().timestamp()) if self._heap else None
+            timeout = max(0.0, self._heap[0][0] - self._now().timestamp()) if self._heap and self.active else None
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -210,6 +230,8 @@ class Runtime:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             self._forget(key)
+            if not self.active:
+                return  # the leader cleans up
             task = asyncio.get_running_loop().run_in_executor(self._executor, cleanup_deleted, body, self.deps)
             self._tasks.add(asyncio.ensure_future(task))
             return
@@ -217,6 +239,12 @@ class Runtime:
             return
         st = self.states.get(key)
         spec = body.get("spec") or {}
+        if not self.active:
+            # A follower mirrors what the leader stores, so that it can take over exactly.
+            self._index(key, spec)
+            self.states[key] = CredentialState.from_body(body)
+            self.schedule(key)
+            return
         if st is None or st.uid != meta.get("uid", st.uid):
             if st is not None:
                 self._forget(key)
@@ -271,6 +299,8 @@ class Runtime:
             self.secret_versions.pop(skey, None)
         else:
             self.secret_versions[skey] = version
+        if not self.active:
+            return  # the leader reacts; a new leader compares versions when it takes over
 
         for key in tuple(self.client_index.get(skey, ())):
 
