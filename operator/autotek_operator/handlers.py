@@ -28,6 +28,10 @@ from .token_client import TokenClient
 
 log = logging.getLogger("autotek_operator")
 
+#: (group, version, plural) of every resource kopf lists and watches for us; the RBAC test
+#: grants list+watch for exactly these (plus the calls declared in kube.API_CALLS).
+WATCHED = ((c.GROUP, c.VERSION, c.PLURAL), ("", "v1", "secrets"))
+
 
 class _Holder:
     settings: Settings = Settings()
@@ -54,6 +58,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = s.watch_timeout + 15
     settings.watching.connect_timeout = 10
     settings.posting.enabled = False  # Events are posted by the runtime, one per outcome
+    # The watched resources are fixed: no need to watch CRDs or namespaces (nor the RBAC for it).
+    settings.scanning.disabled = True
     api = kube.load_api_client(pool_size=s.workers + 4)
     tokens = TokenClient(
         allowed_prefixes=s.allowed_token_urls,
@@ -103,13 +109,13 @@ async def cleanup(**_: Any) -> None:
     log.info("autotek-operator stopped")
 
 
-@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
+@kopf.on.event(*WATCHED[0])
 async def credential_event(event: kopf.RawEvent, **_: Any) -> None:
     if STATE.runtime is not None:
         STATE.runtime.on_credential_event(event.get("type"), event["object"])
 
 
-@kopf.on.event("", "v1", "secrets")
+@kopf.on.event(*WATCHED[1])
 async def secret_event(event: kopf.RawEvent, **_: Any) -> None:
     if STATE.runtime is not None:
         STATE.runtime.on_secret_event(event.get("type"), event["object"])
