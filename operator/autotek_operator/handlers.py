@@ -24,7 +24,7 @@ from .config import Settings
 from .leader import LeaderElector
 from .reconcile import Deps
 from .runtime import Runtime
-from .token_client import TokenClient
+from .token_client import SharedTokens, TokenClient
 
 log = logging.getLogger("autotek_operator")
 
@@ -68,7 +68,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         clock=utcnow,
     )
     tokens.observer = metrics.observe_token_request
-    deps = Deps(kube=kube.Kube(api), tokens=tokens, clock=utcnow, rand=random.random)
+    deps = Deps(kube=kube.Kube(api), tokens=SharedTokens(tokens, utcnow), clock=utcnow, rand=random.random)
     STATE.runtime = Runtime(deps, workers=s.workers)
     if s.leader_election:
         STATE.runtime.active = False

@@ -39,7 +39,7 @@ log = logging.getLogger("autotek_operator")
 class TokenSource(Protocol):
     def check_allowed(self, url: str) -> None: ...
 
-    def request(self, req: TokenRequest) -> Token: ...
+    def request(self, req: TokenRequest, reusable: Callable[[Token], bool] | None = None) -> Token: ...
 
 
 @dataclass
@@ -48,6 +48,16 @@ class Deps:
     tokens: TokenSource
     clock: Callable[[], datetime]
     rand: Callable[[], float]
+
+
+class _Unknown:
+    """Marks a cached object that must be read from the API (as opposed to None: known absent)."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Any = _Unknown()
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,10 @@ class CredentialState:
 
     token: HeldToken | None = None
     client: ClientCredentials | None = None
+    #: The client and target Secrets as last seen (watch events, our own writes), so that a pass
+    #: reads them from the API only when it has no fresh copy. UNKNOWN: read it; None: absent.
+    client_body: Any = field(default=UNKNOWN, repr=False)
+    target_body: Any = field(default=UNKNOWN, repr=False)
     target_version: str | None = None
     next_refresh: datetime | None = None
     backoff_until: datetime | None = None
@@ -143,6 +157,25 @@ def new_token_reason(st: CredentialState, now: datetime) -> str | None:
     return None
 
 
+def _reusable(st: CredentialState, spec: CredentialSpec, now: datetime) -> Callable[[Token], bool] | None:
+    """Whether a token another credential of the same client fetched may serve this one.
+
+    Only for routine refreshes and first issues: a change (spec, client Secret, refresh request)
+    wants a token fetched after it. A shared token must not be due for this credential yet, even
+    with the earliest jitter."""
+    if st.force_new or (st.refresh_request and st.refresh_request != st.handled_refresh_request):
+        return None
+    if st.token is not None and st.token.generation != st.generation:
+        return None
+    floor = now + timedelta(seconds=scheduling.FLOOR_SECONDS)
+
+    def check(token: Token) -> bool:
+        sent = token.sent_at or now
+        return scheduling.refresh_time(sent, token.lifetime, spec.refresh, lambda: 1.0) > floor
+
+    return check
+
+
 def _floor_seconds(when: datetime) -> datetime:
     return when.replace(microsecond=0)
 
@@ -151,7 +184,7 @@ def _read_client(st: CredentialState, spec: CredentialSpec, kube: Kube) -> Clien
     if st.client is not None:
         return st.client
     ref = spec.client_secret_ref
-    secret = kube.get_secret(st.namespace, ref.name)
+    secret = kube.get_secret(st.namespace, ref.name) if st.client_body is UNKNOWN else st.client_body
     if secret is None:
         raise errors.ClientSecretNotFound(f"Secret {ref.name} not found in namespace {st.namespace}")
     data = secret.get("data") or {}
@@ -188,29 +221,27 @@ def _write_target(
     target: Mapping[str, Any] | None,
     token: HeldToken,
     kube: Kube,
-) -> tuple[str | None, bool]:
-    """Make the target Secret hold ``token`` in one API call; (resourceVersion, written?)."""
-    if matches(target, spec, owner, token):
-        return str(((target or {}).get("metadata") or {}).get("resourceVersion") or ""), False
+) -> tuple[dict[str, Any], bool]:
+    """Make the target Secret hold ``token`` in one API call; (the Secret as now stored, written?)."""
+    if target is not None and matches(target, spec, owner, token):
+        return dict(target), False
     name = spec.target.name
     if spec.target.creation_policy == CREATION_MERGE:
         resp = kube.patch_secret(st.namespace, name, merge_patch(spec, owner, token))
         if resp is None:
             raise errors.TargetNotFound(f"Secret {name} does not exist; creationPolicy Merge needs it to exist")
-        return str(resp["metadata"].get("resourceVersion", "")), True
+        return resp, True
     for _ in range(2):
         try:
             if target is None:
-                resp = kube.create_secret(st.namespace, desired_secret(None, spec, owner, token))
-            else:
-                resp = kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token))
-            return str(resp["metadata"].get("resourceVersion", "")), True
+                return kube.create_secret(st.namespace, desired_secret(None, spec, owner, token)), True
+            return kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token)), True
         except Conflict:
             # Created or changed by someone else meanwhile: look again, and stop if it is not ours.
             target = kube.get_secret(st.namespace, name)
             check_target(target, spec, owner)
             if target is not None and matches(target, spec, owner, token):
-                return str(target["metadata"].get("resourceVersion", "")), False
+                return target, False
     raise errors.KubernetesAPIError(f"Secret {name} kept changing while being written; will retry")
 
 
@@ -249,7 +280,10 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     try:
         spec = parse_spec(st.spec, name=st.name)
         deps.tokens.check_allowed(spec.token_url)
-        target = deps.kube.get_secret(st.namespace, spec.target.name)
+        target = st.target_body
+        if target is UNKNOWN:
+            target = deps.kube.get_secret(st.namespace, spec.target.name)
+            st.target_body = target
         if target is None and spec.target.creation_policy == CREATION_MERGE:
             raise errors.TargetNotFound(
                 f"Secret {spec.target.name} does not exist; creationPolicy Merge writes only into an existing Secret"
@@ -284,6 +318,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                 st.next_refresh = floor_at  # never more than one request per floor interval
                 reason, deferred = None, True
         if reason:
+            reusable = _reusable(st, spec, now)
             st.last_attempt_at = now
             st.force_new = None
             if st.refresh_request:
@@ -291,7 +326,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             log.debug("%s: requesting a token: %s", st.label(), reason)
             try:
                 client = _read_client(st, spec, deps.kube)
-                token = deps.tokens.request(_token_request(spec, client))
+                token = deps.tokens.request(_token_request(spec, client), reusable)
             except errors.AutoTekError as exc:
                 error = exc
             else:
@@ -321,8 +356,9 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                         now,
                     )
         if st.token is not None and st.token.valid(now):
-            version, wrote = _write_target(st, spec, owner, target, st.token, deps.kube)
-            st.target_version = version
+            written, wrote = _write_target(st, spec, owner, target, st.token, deps.kube)
+            st.target_body = written
+            st.target_version = str(((written or {}).get("metadata") or {}).get("resourceVersion") or "")
             target_ok = True
             if wrote and issued is None:
                 _event(

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
-from .reconcile import CredentialState, Deps, cleanup_deleted, run_pass
+from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
 
 log = logging.getLogger("autotek_operator")
 
@@ -262,6 +262,8 @@ class Runtime:
             if state.generation != old_generation:
                 state.force_new = "the spec changed"
                 state.client = None
+                state.client_body = UNKNOWN  # the spec may name other Secrets now
+                state.target_body = UNKNOWN
                 return True
             if state.refresh_request != old_request and state.refresh_request:
                 state.force_new = "a refresh was requested"
@@ -307,8 +309,10 @@ class Runtime:
             def client_change(st: CredentialState) -> bool:
                 if deleted:
                     st.client = None
+                    st.client_body = None
                     return False
                 known = st.client.version if st.client is not None else st.issued_client_version
+                st.client_body = body
                 if version == known:
                     return False
                 st.client = None
@@ -321,6 +325,9 @@ class Runtime:
 
             def target_change(st: CredentialState) -> bool:
                 # Our own writes come back with the version we recorded: nothing to do.
-                return deleted or version != st.target_version
+                if not deleted and version == st.target_version:
+                    return False
+                st.target_body = None if deleted else body
+                return True
 
             self._change(key, target_change, f"target Secret {event_type or 'listed'}")

@@ -518,3 +518,82 @@ class TokenClient:
             return resp.status_code, resp.headers, b"".join(chunks)
         finally:
             resp.close()
+
+
+@dataclass
+class _Flight:
+    """One token request in progress, which identical requests wait for instead of repeating."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    token: Token | None = None
+    error: errors.AutoTekError | None = None
+
+
+class SharedTokens:
+    """Credentials with identical client settings share their token requests.
+
+    Requests with the same fingerprint (token URL, client id and secret, auth method, scope,
+    parameters, CA) that arrive while one is in flight wait for it; and a token fetched a moment
+    ago is handed to another credential when the caller says it will do (``reusable``), so that N
+    credentials of one client make one request per refresh cycle instead of N.
+    """
+
+    #: Forget remembered tokens this long after they expire.
+    PURGE_EVERY = 60.0
+
+    def __init__(self, client: TokenClient, clock: Callable[[], datetime]) -> None:
+        self.client = client
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._recent: dict[str, Token] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._purged = time.monotonic()
+        self.shared = 0  # how many requests were answered without a request of their own
+
+    def check_allowed(self, url: str) -> None:
+        self.client.check_allowed(url)
+
+    def request(self, req: TokenRequest, reusable: Callable[[Token], bool] | None = None) -> Token:
+        """A token for ``req``: a recent or in-flight one if ``reusable`` accepts it, else a new one."""
+        key = req.fingerprint()
+        while True:
+            with self._lock:
+                self._purge()
+                recent = self._recent.get(key)
+                if recent is not None and reusable is not None and reusable(recent):
+                    self.shared += 1
+                    return recent
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+                    break
+            flight.done.wait(self.client.timeout * 3)
+            if reusable is not None and flight.token is not None and reusable(flight.token):
+                with self._lock:
+                    self.shared += 1
+                return flight.token
+            if reusable is not None and flight.error is not None:
+                raise flight.error
+            # A new token was wanted (or the flight vanished): go round and request one.
+        try:
+            flight.token = self.client.request(req)
+            with self._lock:
+                self._recent[key] = flight.token
+            return flight.token
+        except errors.AutoTekError as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+    def _purge(self) -> None:
+        if time.monotonic() - self._purged < self.PURGE_EVERY:
+            return
+        self._purged = time.monotonic()
+        now = self._clock()
+        for key, token in list(self._recent.items()):
+            sent = token.sent_at or now
+            if (now - sent).total_seconds() > min(token.lifetime, 86400.0):
+                del self._recent[key]

@@ -147,7 +147,7 @@ class FakeTokens:
         if not self.allowed:
             raise errors.TokenURLNotAllowed(f"token URL {url} is not allowed")
 
-    def request(self, req: TokenRequest) -> Token:
+    def request(self, req: TokenRequest, reusable: Any = None) -> Token:
         self.check_allowed(req.token_url)
         self.requests.append(req)
         if self.errors:
