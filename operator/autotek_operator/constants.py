@@ -48,6 +48,18 @@ EVENT_ROTATED = "TokenRotated"
 EVENT_RESTORED = "SecretRestored"
 EVENT_DEFAULT_LIFETIME = "DefaultLifetimeUsed"
 EVENT_EXPIRED = "TokenExpired"
+EVENT_TEMPLATE_ERROR = "TemplateError"
+EVENT_RESTARTED = "RolloutRestarted"
+EVENT_RESTART_SKIPPED = "RolloutRestartSkipped"
+
+# The second condition, present when spec.rolloutRestartTargets is not empty.
+CONDITION_ROLLOUT = "RolloutRestart"
+REASON_RESTARTED = "Restarted"
+REASON_RESTART_PENDING = "WaitingForRotation"
+REASON_RESTART_TARGET_NOT_FOUND = "RestartTargetNotFound"
+REASON_RESTART_DISABLED = "RolloutRestartDisabled"
+REASON_RESTART_FAILED = "RestartFailed"
+ANN_RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
 # Defaults from the product contract.
 DEFAULT_TOKEN_URL = "https://api.autograb.com.au/auth-broker/request-token"

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from . import constants as c
-from . import errors, scheduling
+from . import errors, metrics, scheduling
 from .kube import Conflict, Kube
 from .spec import CREATION_MERGE, DELETION_DELETE, CredentialSpec, parse_spec
 from .status import Readiness, fmt, ready_condition, status_patch
@@ -27,6 +27,7 @@ from .target import (
     is_ours,
     matches,
     merge_patch,
+    render_templates,
     unb64,
     unmerge_patch,
 )
@@ -230,12 +231,17 @@ def _write_target(
         resp = kube.patch_secret(st.namespace, name, merge_patch(spec, owner, token))
         if resp is None:
             raise errors.TargetNotFound(f"Secret {name} does not exist; creationPolicy Merge needs it to exist")
+        metrics.observe_secret_write("patch")
         return resp, True
     for _ in range(2):
         try:
             if target is None:
-                return kube.create_secret(st.namespace, desired_secret(None, spec, owner, token)), True
-            return kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token)), True
+                created = kube.create_secret(st.namespace, desired_secret(None, spec, owner, token))
+                metrics.observe_secret_write("create")
+                return created, True
+            replaced = kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token))
+            metrics.observe_secret_write("update")
+            return replaced, True
         except Conflict:
             # Created or changed by someone else meanwhile: look again, and stop if it is not ours.
             target = kube.get_secret(st.namespace, name)
@@ -275,6 +281,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     target_ok = False
     issued: str | None = None  # event reason when a new token was written
     had_token = st.token is not None
+    template_problems: list[str] = []
     deferred = False  # a new token is wanted, but backoff or the floor says not yet
 
     try:
@@ -357,6 +364,17 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                     )
         if st.token is not None and st.token.valid(now):
             written, wrote = _write_target(st, spec, owner, target, st.token, deps.kube)
+            if spec.target.data:
+                template_problems = render_templates(spec.target.data, st.token)[1]
+                if wrote and template_problems:
+                    _event(
+                        deps,
+                        st,
+                        "Warning",
+                        c.EVENT_TEMPLATE_ERROR,
+                        "left out of Secret " + spec.target.name + ": " + "; ".join(template_problems),
+                        now,
+                    )
             st.target_body = written
             st.target_version = str(((written or {}).get("metadata") or {}).get("resourceVersion") or "")
             target_ok = True
@@ -426,6 +444,8 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     if token_valid and (target_ok or (error is not None and not target_refused and st.target_version is not None)):
         assert st.token is not None
         message = f"token valid until {format_time(st.token.expires_at)}"
+        if template_problems:
+            message += f"; template keys left out: {'; '.join(template_problems)}"
         if error is not None:
             message += f"; refresh failing ({error.reason}): {error.message}"
         readiness = Readiness(True, c.REASON_TOKEN_ISSUED, message)
@@ -504,7 +524,7 @@ def cleanup_deleted(body: Mapping[str, Any], deps: Deps) -> None:
             return
         if spec.target.creation_policy == CREATION_MERGE:
             if ((target.get("metadata") or {}).get("annotations") or {}).get(c.ANN_CREDENTIAL) == owner.name:
-                deps.kube.patch_secret(owner.namespace, spec.target.name, unmerge_patch(target))
+                deps.kube.patch_secret(owner.namespace, spec.target.name, unmerge_patch(target, spec))
         elif is_ours(target, owner):
             deps.kube.delete_secret(owner.namespace, spec.target.name, uid=target["metadata"].get("uid"))
         log.info("%s/%s: deleted; cleaned up Secret %s", owner.namespace, owner.name, spec.target.name)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+from . import metrics
 from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
 
 log = logging.getLogger("autotek_operator")
@@ -169,6 +170,7 @@ class Runtime:
             if self.states.get(key) is not live:
                 return  # deleted (or deleted and re-created) while the pass ran
             self.states[key] = result
+            _observe(result)
             rerun = False
             for change in self.pending.pop(key, []):
                 rerun = change(result) or rerun
@@ -287,7 +289,8 @@ class Runtime:
         return None
 
     def _forget(self, key: Key) -> None:
-        self.states.pop(key, None)
+        if self.states.pop(key, None) is not None:
+            metrics.forget_credential(*key)
         self._due.pop(key, None)
         self.pending.pop(key, None)
         self._unindex(key)
@@ -331,3 +334,17 @@ class Runtime:
                 return True
 
             self._change(key, target_change, f"target Secret {event_type or 'listed'}")
+
+
+def _observe(st: CredentialState) -> None:
+    ready = "Unknown"
+    for cond in st.status.get("conditions") or ():
+        if cond.get("type") == "Ready":
+            ready = str(cond.get("status", "Unknown"))
+    metrics.observe_credential(
+        st.namespace,
+        st.name,
+        ready,
+        st.token.expires_at.timestamp() if st.token is not None else None,
+        st.next_refresh.timestamp() if st.next_refresh is not None else None,
+    )

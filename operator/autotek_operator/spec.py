@@ -60,6 +60,8 @@ class Target:
     deletion_policy: str = DELETION_DELETE
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    #: Extra keys rendered from the token: (key, template) pairs, e.g. (".env", "TOKEN={{ .access_token }}").
+    data: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,8 @@ def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
         ),
         labels=_string_map(template.get("labels"), "spec.target.template.labels"),
         annotations=_string_map(template.get("annotations"), "spec.target.template.annotations"),
+        # Keys and templates are checked when rendered, so that a bad one costs only itself.
+        data=tuple(sorted(_string_map(template.get("data"), "spec.target.template.data").items())),
     )
 
     r = _mapping(s.get("refresh"), "spec.refresh")

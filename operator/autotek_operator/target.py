@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -54,8 +55,55 @@ def unb64(value: object) -> str | None:
         return None
 
 
-def token_data(token: HeldToken) -> dict[str, str]:
-    """The Secret's data keys (base64) for a held token."""
+_PLACEHOLDER = re.compile(r"\{\{\s*\.([A-Za-z_]+)\s*\}\}")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+MAX_RENDERED = 64 * 1024
+
+
+def token_fields(token: HeldToken) -> dict[str, str]:
+    """The values templates may use, by name."""
+    return {
+        c.KEY_ACCESS_TOKEN: token.access_token,
+        c.KEY_TOKEN_TYPE: token.token_type,
+        c.KEY_AUTHORIZATION: f"Bearer {token.access_token}",
+        c.KEY_EXPIRES_AT: format_time(token.expires_at),
+        c.KEY_SCOPE: token.scope or "",
+    }
+
+
+def render_templates(templates: Sequence[tuple[str, str]], token: HeldToken) -> tuple[dict[str, str], list[str]]:
+    """Render ``target.template.data``: (base64 data for the keys that rendered, problems).
+
+    A bad key or template is left out and reported; the others, and the token keys, are written."""
+    fields = token_fields(token)
+    rendered: dict[str, str] = {}
+    problems: list[str] = []
+    for key, template in templates:
+        if not _SECRET_KEY.fullmatch(key) or key in (".", "..") or key.startswith(".."):
+            problems.append(f"key {key!r} is not a valid Secret key")
+            continue
+        if key in c.TOKEN_KEYS:
+            problems.append(f"key {key!r} is one of the token keys the operator writes")
+            continue
+        unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - fields.keys())
+        if unknown:
+            problems.append(
+                f"key {key!r} uses unknown field(s) {', '.join(unknown)}; known: {', '.join('.' + f for f in fields)}"
+            )
+            continue
+        value = _PLACEHOLDER.sub(lambda m: fields[m.group(1)], template)
+        if "{{" in _PLACEHOLDER.sub("", template):
+            problems.append(f"key {key!r} has a malformed placeholder (use {{{{ .access_token }}}})")
+            continue
+        if len(value) > MAX_RENDERED:
+            problems.append(f"key {key!r} renders to more than {MAX_RENDERED} bytes")
+            continue
+        rendered[key] = b64(value)
+    return rendered, problems
+
+
+def token_data(token: HeldToken, templates: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """The Secret's data keys (base64) for a held token, with the rendered template keys."""
     data = {
         c.KEY_ACCESS_TOKEN: b64(token.access_token),
         c.KEY_TOKEN_TYPE: b64(token.token_type),
@@ -64,6 +112,9 @@ def token_data(token: HeldToken) -> dict[str, str]:
     }
     if token.scope is not None:
         data[c.KEY_SCOPE] = b64(token.scope)
+    if templates:
+        extra, _ = render_templates(templates, token)
+        data.update(extra)
     return data
 
 
@@ -172,13 +223,13 @@ def desired_secret(
         "kind": "Secret",
         "type": "Opaque",
         "metadata": metadata,
-        "data": token_data(token),
+        "data": token_data(token, spec.target.data),
     }
 
 
 def merge_patch(spec: CredentialSpec, owner: Owner, token: HeldToken) -> dict[str, Any]:
     """The merge patch that writes only our keys, labels and annotations (Merge policy)."""
-    data: dict[str, Any] = dict(token_data(token))
+    data: dict[str, Any] = dict(token_data(token, spec.target.data))
     if token.scope is None:
         data[c.KEY_SCOPE] = None
     return {
@@ -190,15 +241,16 @@ def merge_patch(spec: CredentialSpec, owner: Owner, token: HeldToken) -> dict[st
     }
 
 
-def unmerge_patch(existing: Mapping[str, Any]) -> dict[str, Any]:
+def unmerge_patch(existing: Mapping[str, Any], spec: CredentialSpec | None = None) -> dict[str, Any]:
     """The merge patch that removes what a Merge credential wrote (deletionPolicy Delete)."""
     data_keys = (existing.get("data") or {}).keys()
+    ours = set(c.TOKEN_KEYS) | {k for k, _ in (spec.target.data if spec else ())}
     return {
         "metadata": {
             "labels": {c.LABEL_MANAGED_BY: None},
             "annotations": {c.ANN_CREDENTIAL: None, c.ANN_EXPIRES_AT: None, c.ANN_REFRESHED_AT: None},
         },
-        "data": {k: None for k in c.TOKEN_KEYS if k in data_keys},
+        "data": {k: None for k in sorted(ours) if k in data_keys},
     }
 
 
@@ -210,7 +262,7 @@ def matches(existing: Mapping[str, Any] | None, spec: CredentialSpec, owner: Own
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     data = existing.get("data") or {}
-    want_data = token_data(token)
+    want_data = token_data(token, spec.target.data)
     if spec.target.creation_policy == CREATION_MERGE:
         if any(data.get(k) != v for k, v in want_data.items()):
             return False

@@ -721,6 +721,20 @@ INVALID = [
         (("spec.target.template.labels.a", "type", ""),),
     ),
     Case("spec 42", 42, (("spec", "type", "object"),)),
+    # Template keys are checked again when rendered: a bad one is left out and reported, so that
+    # it cannot stop rotation; the operator's parser accepts them on purpose.
+    Case(
+        "template data key is a token key",
+        minimal(target={"template": {"data": {"access_token": "x"}}}),
+        (("spec.target.template.data", "rule", "token keys"),),
+        operator="schema-only",
+    ),
+    Case(
+        "template data key invalid",
+        minimal(target={"template": {"data": {"a/b": "x"}}}),
+        (("spec.target.template.data", "rule", "valid Secret keys"),),
+        operator="schema-only",
+    ),
     Case("scope too long", minimal(scope="s" * 1025), (("spec.scope", "maxLength", ""),), operator="schema-only"),
     Case(
         "too many extraParams",
@@ -759,11 +773,14 @@ def test_operator_rejects_what_the_schema_rejects(case):
 
 
 def test_schema_only_limits_are_listed():
-    """The size limits the operator does not check exist only for the CEL cost budget."""
+    """The size limits the operator does not check exist only for the CEL cost budget; template keys
+    are checked by the operator when it renders them (a bad one is reported, not fatal)."""
     assert {case.id for case in INVALID if case.operator == "schema-only"} == {
         "scope too long",
         "too many extraParams",
         "too many rolloutRestartTargets",
+        "template data key is a token key",
+        "template data key invalid",
     }
 
 
