@@ -35,6 +35,10 @@ class Settings:
     workers: int = 8
     #: AUTOTEK_WATCH_TIMEOUT: seconds a watch request stays open before it is renewed.
     watch_timeout: int = 300
+    #: AUTOTEK_ROLLOUT_RESTART: true to honour spec.rolloutRestartTargets (needs the extra RBAC).
+    rollout_restart: bool = False
+    #: AUTOTEK_RESTART_MIN_INTERVAL: seconds between two restarts of one workload.
+    restart_min_interval: int = 300
     #: AUTOTEK_LEADER_ELECTION: true to run several replicas, of which one (holding a Lease) works.
     leader_election: bool = False
     #: AUTOTEK_LEADER_ELECTION_NAMESPACE: where the Lease lives (default: $POD_NAMESPACE, else autotek-system).
@@ -58,6 +62,8 @@ ENV = {
     "max_concurrent_token_requests": "AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS",
     "workers": "AUTOTEK_WORKERS",
     "watch_timeout": "AUTOTEK_WATCH_TIMEOUT",
+    "rollout_restart": "AUTOTEK_ROLLOUT_RESTART",
+    "restart_min_interval": "AUTOTEK_RESTART_MIN_INTERVAL",
     "leader_election": "AUTOTEK_LEADER_ELECTION",
     "leader_election_namespace": "AUTOTEK_LEADER_ELECTION_NAMESPACE",
     "leader_election_id": "AUTOTEK_LEADER_ELECTION_ID",
@@ -76,6 +82,13 @@ def _int(name: str, value: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, not {number}")
     return number
+
+
+def _bool(name: str, value: str) -> bool:
+    flag = value.lower()
+    if flag not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    return flag in ("true", "1", "yes")
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -122,11 +135,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         values["workers"] = _int(ENV["workers"], raw["workers"], 1, 256)
     if raw["watch_timeout"]:
         values["watch_timeout"] = _int(ENV["watch_timeout"], raw["watch_timeout"], 1, 3600)
-    if raw["leader_election"]:
-        flag = raw["leader_election"].lower()
-        if flag not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"AUTOTEK_LEADER_ELECTION must be true or false, not {raw['leader_election']!r}")
-        values["leader_election"] = flag in ("true", "1", "yes")
+    for key in ("leader_election", "rollout_restart"):
+        if raw[key]:
+            values[key] = _bool(ENV[key], raw[key])
+    if raw["restart_min_interval"]:
+        values["restart_min_interval"] = _int(ENV["restart_min_interval"], raw["restart_min_interval"], 0, 86400)
     lease_ns = raw["leader_election_namespace"] or env.get("POD_NAMESPACE", "").strip()
     if lease_ns:
         values["leader_election_namespace"] = lease_ns

@@ -68,7 +68,14 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         clock=utcnow,
     )
     tokens.observer = metrics.observe_token_request
-    deps = Deps(kube=kube.Kube(api), tokens=SharedTokens(tokens, utcnow), clock=utcnow, rand=random.random)
+    deps = Deps(
+        kube=kube.Kube(api),
+        tokens=SharedTokens(tokens, utcnow),
+        clock=utcnow,
+        rand=random.random,
+        rollout_restart=s.rollout_restart,
+        restart_min_interval=float(s.restart_min_interval),
+    )
     STATE.runtime = Runtime(deps, workers=s.workers)
     if s.leader_election:
         STATE.runtime.active = False

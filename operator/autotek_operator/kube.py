@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import kubernetes
 import urllib3
-from kubernetes.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient, AppsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from . import constants as c
@@ -25,6 +25,12 @@ from .timefmt import format_time
 
 #: (group, resource, verb) for each call made through this module ("" is the core group).
 API_CALLS: set[tuple[str, str, str]] = set()
+#: Calls made only when an optional feature is switched on, by feature (their RBAC ships with it).
+OPTIONAL_API_CALLS: dict[str, set[tuple[str, str, str]]] = {}
+
+#: The workload kinds spec.rolloutRestartTargets may name, and their resources in apps/v1.
+WORKLOADS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "DaemonSet": "daemonsets"}
+_CLIENT_NAMES = {"Deployment": "deployment", "StatefulSet": "stateful_set", "DaemonSet": "daemon_set"}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,9 +43,13 @@ class Conflict(Exception):
     """409: the object changed (stale resourceVersion) or already exists."""
 
 
-def api_call(group: str, resource: str, verb: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def api_call(
+    group: str, resource: str | tuple[str, ...], verb: str, feature: str | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Declare the RBAC permission a method needs and translate its errors."""
-    API_CALLS.add((group, resource, verb))
+    resources = (resource,) if isinstance(resource, str) else resource
+    registry = API_CALLS if feature is None else OPTIONAL_API_CALLS.setdefault(feature, set())
+    registry.update((group, r, verb) for r in resources)
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
@@ -48,12 +58,14 @@ def api_call(group: str, resource: str, verb: str) -> Callable[[Callable[P, R]],
                 return fn(*args, **kwargs)
             except ApiException as exc:
                 if exc.status == 409:
-                    raise Conflict(f"{verb} {resource}: conflict") from None
+                    raise Conflict(f"{verb} {'/'.join(resources)}: conflict") from None
                 raise KubernetesAPIError(
-                    f"Kubernetes API {verb} {resource} failed: HTTP {exc.status} {exc.reason or ''}".strip()
+                    f"Kubernetes API {verb} {'/'.join(resources)} failed: HTTP {exc.status} {exc.reason or ''}".strip()
                 ) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise KubernetesAPIError(f"Kubernetes API {verb} {resource} failed: {type(exc).__name__}") from None
+                raise KubernetesAPIError(
+                    f"Kubernetes API {verb} {'/'.join(resources)} failed: {type(exc).__name__}"
+                ) from None
 
         return inner
 
@@ -89,6 +101,7 @@ class Kube:
         self.core = CoreV1Api(api_client)
         self.custom = CustomObjectsApi(api_client)
         self.coordination = CoordinationV1Api(api_client)
+        self.apps = AppsV1Api(api_client)
 
     def _get(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
         try:
@@ -175,6 +188,31 @@ class Kube:
             name, namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
         )
         return _json(resp)
+
+    @api_call("apps", tuple(WORKLOADS.values()), "get", feature="rollout-restart")
+    def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        read = getattr(self.apps, f"read_namespaced_{_CLIENT_NAMES[kind]}")
+        return self._get(read, name, namespace)
+
+    @api_call("apps", tuple(WORKLOADS.values()), "patch", feature="rollout-restart")
+    def restart_workload(self, kind: str, namespace: str, name: str, when: str) -> bool:
+        """Bump the pod template's restartedAt annotation, as ``kubectl rollout restart`` does."""
+        patch = getattr(self.apps, f"patch_namespaced_{_CLIENT_NAMES[kind]}")
+        body = {"spec": {"template": {"metadata": {"annotations": {c.ANN_RESTARTED_AT: when}}}}}
+        try:
+            patch(
+                name,
+                namespace,
+                _raw(body),
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if _is_404(exc):
+                return False
+            raise
+        return True
 
     @api_call(c.GROUP, f"{c.PLURAL}/status", "patch")
     def patch_credential_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:

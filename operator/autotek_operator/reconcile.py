@@ -49,6 +49,9 @@ class Deps:
     tokens: TokenSource
     clock: Callable[[], datetime]
     rand: Callable[[], float]
+    #: spec.rolloutRestartTargets is honoured only when switched on (it needs extra RBAC).
+    rollout_restart: bool = False
+    restart_min_interval: float = 300.0
 
 
 class _Unknown:
@@ -106,6 +109,9 @@ class CredentialState:
 
     def label(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def status_has(self, condition: str) -> bool:
+        return any(x.get("type") == condition for x in self.status.get("conditions") or ())
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> CredentialState:
@@ -266,6 +272,60 @@ def _event(deps: Deps, st: CredentialState, event_type: str, reason: str, messag
         log.warning("%s: could not post event %s: %s", st.label(), reason, exc.message)
 
 
+def _rollout_restart(st: CredentialState, spec: CredentialSpec, deps: Deps, now: datetime) -> Readiness:
+    """After a rotation: restart the listed workloads (at most once per rotation, with a gap)."""
+    if not deps.rollout_restart:
+        return Readiness(
+            False,
+            c.REASON_RESTART_DISABLED,
+            "rolloutRestartTargets are ignored: the operator runs without AUTOTEK_ROLLOUT_RESTART=true",
+        )
+    restarted, skipped, missing, failed = [], [], [], []
+    for target in spec.rollout_restart_targets:
+        label = f"{target.kind} {target.name}"
+        try:
+            workload = deps.kube.get_workload(target.kind, st.namespace, target.name)
+            if workload is None:
+                missing.append(label)
+                continue
+            template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
+            last = parse_time((template_meta.get("annotations") or {}).get(c.ANN_RESTARTED_AT))
+            if last is not None and (now - last).total_seconds() < deps.restart_min_interval:
+                skipped.append(label)
+                continue
+            if deps.kube.restart_workload(target.kind, st.namespace, target.name, format_time(now)):
+                restarted.append(label)
+            else:
+                missing.append(label)
+        except errors.AutoTekError as exc:
+            failed.append(f"{label}: {exc.message}")
+    if restarted:
+        _event(deps, st, "Normal", c.EVENT_RESTARTED, "restarted " + ", ".join(restarted) + " after the rotation", now)
+    if skipped:
+        gap = int(deps.restart_min_interval)
+        _event(
+            deps,
+            st,
+            "Normal",
+            c.EVENT_RESTART_SKIPPED,
+            f"not restarted (restarted less than {gap}s ago): " + ", ".join(skipped),
+            now,
+        )
+    if missing:
+        message = "not found in namespace " + st.namespace + ": " + ", ".join(missing)
+        _event(deps, st, "Warning", c.REASON_RESTART_TARGET_NOT_FOUND, message, now)
+        return Readiness(False, c.REASON_RESTART_TARGET_NOT_FOUND, message)
+    if failed:
+        _event(deps, st, "Warning", c.REASON_RESTART_FAILED, "; ".join(failed), now)
+        return Readiness(False, c.REASON_RESTART_FAILED, "; ".join(failed))
+    parts = []
+    if restarted:
+        parts.append("restarted " + ", ".join(restarted))
+    if skipped:
+        parts.append("skipped (restarted recently) " + ", ".join(skipped))
+    return Readiness(True, c.REASON_RESTARTED, "; ".join(parts) + f" at {format_time(now)}")
+
+
 def _failure_message(exc: errors.AutoTekError) -> str:
     if isinstance(exc, errors.InvalidClient):
         return exc.message + ". AutoTek's checklist: " + "; ".join(c.TROUBLESHOOTING_HINTS)
@@ -413,6 +473,10 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             now,
         )
 
+    restart: Readiness | None = None
+    if issued == c.EVENT_ROTATED and target_ok and spec is not None and spec.rollout_restart_targets:
+        restart = _rollout_restart(st, spec, deps, now)
+
     if error is None and deferred:
         pass  # nothing was tried: the failure record stands
     elif error is None:
@@ -468,9 +532,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     tok = st.token
     desired_status: dict[str, Any] = {
         "observedGeneration": st.generation,
-        "conditions": [
-            ready_condition(st.status.get("conditions"), readiness, now=now_after, generation=st.generation)
-        ],
+        "conditions": _conditions(st, spec, readiness, restart, now_after),
         "secretName": spec.target.name if spec else st.status.get("secretName"),
         "tokenType": tok.token_type if tok else None,
         "lastRefreshTime": fmt(tok.refreshed_at) if tok else None,
@@ -497,6 +559,32 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         else:
             st.status = {k: v for k, v in {**st.status, **desired_status}.items() if v is not None}
     return st
+
+
+def _conditions(
+    st: CredentialState,
+    spec: CredentialSpec | None,
+    readiness: Readiness,
+    restart: Readiness | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Ready, and RolloutRestart while the spec lists restart targets (kept between rotations)."""
+    previous = st.status.get("conditions") or []
+    conditions = [ready_condition(previous, readiness, now=now, generation=st.generation)]
+    wants_restart = spec.rollout_restart_targets if spec is not None else st.status_has(c.CONDITION_ROLLOUT)
+    if wants_restart:
+        if restart is None:
+            kept = next((x for x in previous if x.get("type") == c.CONDITION_ROLLOUT), None)
+            if kept is not None:
+                conditions.append(dict(kept))
+                return conditions
+            restart = Readiness(
+                True, c.REASON_RESTART_PENDING, "the listed workloads are restarted after each rotation"
+            )
+        conditions.append(
+            ready_condition(previous, restart, now=now, generation=st.generation, kind=c.CONDITION_ROLLOUT)
+        )
+    return conditions
 
 
 def is_ours_or_merged(target: Mapping[str, Any], spec: CredentialSpec, owner: Owner) -> bool:

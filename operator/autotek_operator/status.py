@@ -24,17 +24,18 @@ def ready_condition(
     *,
     now: datetime,
     generation: int | None,
+    kind: str = c.CONDITION_READY,
 ) -> dict[str, Any]:
-    """The Ready condition; lastTransitionTime moves only when the status flips."""
+    """A condition (Ready by default); lastTransitionTime moves only when the status flips."""
     status = "True" if readiness.ready else "False"
     last_transition = format_time(now)
     for cond in previous or ():
-        if isinstance(cond, Mapping) and cond.get("type") == c.CONDITION_READY:
+        if isinstance(cond, Mapping) and cond.get("type") == kind:
             if cond.get("status") == status and cond.get("lastTransitionTime"):
                 last_transition = str(cond["lastTransitionTime"])
             break
     cond_out: dict[str, Any] = {
-        "type": c.CONDITION_READY,
+        "type": kind,
         "status": status,
         "reason": readiness.reason,
         "message": readiness.message,

@@ -117,6 +117,22 @@ class FakeKube:
         self.calls.append(("event", kw["reason"]))
         self.events.append(kw)
 
+    workloads: dict[tuple[str, str, str], dict[str, Any]]
+
+    def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get-" + kind, name))
+        obj = getattr(self, "workloads", {}).get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def restart_workload(self, kind: str, namespace: str, name: str, when: str) -> bool:
+        self.calls.append(("restart-" + kind, name))
+        obj = getattr(self, "workloads", {}).get((kind, namespace, name))
+        if obj is None:
+            return False
+        obj.setdefault("spec", {}).setdefault("template", {}).setdefault("metadata", {}).setdefault(
+            "annotations", {})["kubectl.kubernetes.io/restartedAt"] = when
+        return True
+
     def writes(self) -> list[tuple[str, str]]:
         return [c for c in self.calls if c[0] in ("create", "replace", "patch", "delete")]
 

@@ -74,3 +74,30 @@ def test_bindings_point_at_the_service_account() -> None:
     names = {d["metadata"]["name"] for d in by_kind("ClusterRole") + by_kind("Role")}
     refs = {d["roleRef"]["name"] for d in by_kind("ClusterRoleBinding") + by_kind("RoleBinding")}
     assert refs == names
+
+
+def test_rollout_restart_component_adds_exactly_its_calls() -> None:
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomize overlay")
+    root = RBAC.parents[2]
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(root / "manifests" / "overlays" / "rollout-restart")],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    cluster, _ = code_calls()
+    assert granted(role["rules"]) == cluster | kube.OPTIONAL_API_CALLS["rollout-restart"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AUTOTEK_ROLLOUT_RESTART"] == "true"
+
+
+def test_optional_calls_are_not_in_the_base_role() -> None:
+    (role,) = by_kind("ClusterRole")
+    assert not granted(role["rules"]) & kube.OPTIONAL_API_CALLS["rollout-restart"]
