@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
+#: Lines about one credential start with "<namespace>/<name>: " (the operator's convention).
+_CREDENTIAL = re.compile(r"^([a-z0-9][-a-z0-9]*)/([a-z0-9][-a-z0-9.]*): ")
+
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; lines about a credential carry ``namespace`` and ``name`` fields."""
+
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
         doc = {
             "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
         }
+        match = _CREDENTIAL.match(message) if record.name == "autotek_operator" else None
+        if match:
+            doc["namespace"], doc["name"] = match.group(1), match.group(2)
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)

@@ -439,6 +439,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             st.target_version = str(((written or {}).get("metadata") or {}).get("resourceVersion") or "")
             target_ok = True
             if wrote and issued is None:
+                log.info("%s: restored Secret %s with the held token", st.label(), spec.target.name)
                 _event(
                     deps,
                     st,
