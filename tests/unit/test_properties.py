@@ -305,3 +305,56 @@ def test_parse_spec_fuzzed_fields_only_raise_invalid_spec(spec: dict[str, Any]) 
 @given(spec=specs_past_ref)
 def test_parse_spec_fuzz_past_the_client_secret_ref(spec: dict[str, Any]) -> None:
     check_parse(spec)
+
+
+# --- the token response parser: a Token or a typed error for any answer ---------------------------
+
+from autotek_operator import errors as _errors  # noqa: E402
+from autotek_operator.token_client import parse_response  # noqa: E402
+
+_json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+_token_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "access_token": st.one_of(st.text(max_size=20), st.integers(), st.none()),
+        "expires_in": st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=12), st.none(),
+                                st.booleans()),
+        "token_type": st.one_of(st.text(max_size=10), st.integers(), st.none()),
+        "scope": st.one_of(st.text(max_size=10), st.integers(), st.none()),
+        "error": st.one_of(st.sampled_from(["invalid_client", "invalid_grant", "temporarily_unavailable"]),
+                           st.text(max_size=10)),
+        "error_description": st.text(max_size=30),
+    },
+)
+
+
+def _bodies() -> st.SearchStrategy[bytes]:
+    import json as _json
+
+    return st.one_of(
+        st.binary(max_size=200),
+        _json_docs.map(lambda d: _json.dumps(d).encode()),
+        _token_like.map(lambda d: _json.dumps(d).encode()),
+    )
+
+
+@PROPERTY
+@given(
+    status=st.one_of(st.sampled_from([200, 400, 401, 403, 404, 429, 500, 502, 503]), st.integers(100, 599)),
+    body=_bodies(),
+    retry_after=st.one_of(st.none(), st.text(max_size=12), st.integers(0, 10**6).map(str)),
+)
+def test_parse_response_returns_a_token_or_a_typed_error(status: int, body: bytes, retry_after: str | None) -> None:
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    try:
+        token = parse_response(status, headers, body, default_lifetime=900.0, now=1.8e9, secrets=("s3cret",))
+    except _errors.AutoTekError as exc:
+        assert "s3cret" not in str(exc)
+        assert exc.retry_class in ("transient", "credential")
+        return
+    assert status == 200
+    assert token.access_token.strip() and token.lifetime > 0

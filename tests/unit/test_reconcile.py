@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from typing import Any
 
@@ -402,3 +403,17 @@ def test_change_right_after_failure_retries_at_the_floor(world: Any) -> None:
     run_pass(st, deps)
     assert len(tokens.requests) == 2
     assert ready(kube)["status"] == "True"
+
+
+@pytest.mark.parametrize("policy", ["Owner", "Merge"])
+def test_service_account_token_secret_is_never_a_target(world: Any, policy: str) -> None:
+    clock, kube, tokens, deps = world
+    sa = kube.put_secret(NS, "builder-token", {"token": "sa-jwt"}, type="kubernetes.io/service-account-token",
+                         annotations={"kubernetes.io/service-account.name": "builder"})
+    before = copy.deepcopy(sa)
+    spec = {"clientSecretRef": {"name": "autotek-client"}, "target": {"name": "builder-token",
+                                                                      "creationPolicy": policy}}
+    run_pass(CredentialState.from_body(body(spec)), deps)
+    assert ready(kube)["reason"] == c.REASON_TARGET_CONFLICT
+    assert kube.secrets[(NS, "builder-token")] == before
+    assert kube.writes() == [] and tokens.requests == []
