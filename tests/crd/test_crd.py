@@ -97,10 +97,10 @@ def test_printer_columns(crd):
     assert got == {
         "Ready": ('.status.conditions[?(@.type=="Ready")].status', "string", 0),
         "Secret": (".status.secretName", "string", 0),
-        "Expires": (".status.expiresAt", "date", 0),
+        "Expires": (".status.expiresAt", "string", 0),
         "Age": (".metadata.creationTimestamp", "date", 0),
         "Reason": ('.status.conditions[?(@.type=="Ready")].reason', "string", 1),
-        "Next Refresh": (".status.nextRefreshTime", "date", 1),
+        "Next Refresh": (".status.nextRefreshTime", "string", 1),
     }
     default_view = [col["name"] for col in columns if not col.get("priority")]
     assert default_view == ["Ready", "Secret", "Expires", "Age"]

@@ -1,0 +1,383 @@
+"""The operator's image on a kind cluster, as a user runs it: see conftest.py for how to run.
+
+The tests run in file order and share one cluster, one operator, one in-cluster token endpoint
+(30-second tokens, so a rotation about every 20 seconds) and two credentials; later tests rely on
+what earlier ones did (the last ones delete the credentials). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import e2ekit as kit
+import pytest
+from e2ekit import CLIENT_ID, CREDENTIAL, MOUNT_PATH, NS, RETAIN_CREDENTIAL, RETAIN_TARGET, TARGET, Env, wait_for
+
+# The session set-up (image build, cluster, install) runs inside the first test and the cluster's
+# deletion inside the last one, so the project's default per-test timeout is far too short here.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+#: The operator never asks for one credential's token twice within 10 s; with 30-second tokens
+#: the schedule rotates about every 20 s. Requests closer together than this are a burst.
+MIN_SPACING = 15.0
+
+
+def _columns(header: str) -> list[tuple[str, int]]:
+    """Column names and their start offsets in a ``kubectl get`` header ("NEXT REFRESH" is one)."""
+    return [(m.group(0), m.start()) for m in re.finditer(r"\S+(?: \S+)*", header)]
+
+
+def _table(output: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Parse ``kubectl get`` output: the column names, and each row's cells by column, keyed by NAME."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines, f"kubectl get printed nothing:\n{output}"
+    cols = _columns(lines[0])
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[1:]:
+        cells = {}
+        for i, (name, start) in enumerate(cols):
+            end = cols[i + 1][1] if i + 1 < len(cols) else None
+            cells[name] = line[start:end].strip()
+        rows[cells["NAME"]] = cells
+    return [name for name, _ in cols], rows
+
+
+def _spacing_problems(times: list[float]) -> list[str]:
+    return [
+        f"requests {b - a:.1f}s apart at {datetime.fromtimestamp(b, UTC).isoformat()}"
+        for a, b in itertools.pairwise(times)
+        if b - a < MIN_SPACING
+    ]
+
+
+# -- 1 -----------------------------------------------------------------------------------------
+
+
+def test_1_credential_becomes_ready(e2e: Env) -> None:
+    """``kubectl wait --for=condition=Ready atc/autotek`` succeeds and the Secret holds a real token."""
+    e2e.kubectl("wait", "--for=condition=Ready", f"atc/{CREDENTIAL}", "-n", NS, "--timeout=120s", timeout=150)
+    cred = e2e.kubectl.get("atc", CREDENTIAL, NS)
+    cond = e2e.kubectl.condition(cred, "Ready")
+    assert cond is not None and cond["status"] == "True" and cond["reason"] == "TokenIssued", cond
+    assert (cred or {}).get("status", {}).get("secretName") == TARGET
+
+    data = e2e.secret_data()
+    assert data is not None, f"Secret {NS}/{TARGET} does not exist"
+    token = data["access_token"]
+    assert token in e2e.broker.stats()["tokens"], "the Secret holds a token the broker never issued"
+    assert data["authorization"] == f"Bearer {token}"
+    assert data["token_type"] == "bearer"
+    assert kit.parse_time(data["expires_at"]) > datetime.now(UTC)
+    requests = e2e.broker.requests_for(CLIENT_ID)
+    assert requests and all(r["status"] == 200 for r in requests), requests
+
+    # The Retain credential (used by test 6) comes up too.
+    e2e.wait_ready(RETAIN_CREDENTIAL)
+
+
+# -- 2 -----------------------------------------------------------------------------------------
+
+
+def test_2_pod_reads_the_token_from_its_volume(e2e: Env, reader_pod: str) -> None:
+    """A non-root pod with a read-only root filesystem reads the token from the mounted Secret."""
+
+    # The kubelet updates a Secret volume on its own schedule (up to a minute or so after a
+    # rotation), so compare until file and Secret agree, within a bound.
+    def agree() -> str | None:
+        secret_before = e2e.token()
+        in_file = e2e.cat(f"{MOUNT_PATH}/access_token")
+        secret_after = e2e.token()
+        return in_file if in_file and in_file in (secret_before, secret_after) else None
+
+    token = wait_for("the mounted access_token to equal the Secret's", agree, timeout=150, interval=2)
+    assert token in e2e.broker.stats()["tokens"]
+    authorization = e2e.cat(f"{MOUNT_PATH}/authorization")
+    if authorization != f"Bearer {token}":  # a rotation can land between the two reads; read again
+        token = wait_for("the mounted access_token to equal the Secret's", agree, timeout=150, interval=2)
+        authorization = e2e.cat(f"{MOUNT_PATH}/authorization")
+    assert authorization == f"Bearer {token}"
+
+    pod = e2e.pod()
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert e2e.kubectl.text("exec", "-n", NS, reader_pod, "--", "id", "-u").strip() == str(kit.RUN_AS)
+
+
+# -- 3 -----------------------------------------------------------------------------------------
+
+
+def test_3_rotation_reaches_the_mounted_file_without_a_restart(e2e: Env, reader_pod: str) -> None:
+    """After a scheduled rotation the pod's file shows the new token; the pod is not restarted."""
+    before = e2e.pod()
+    first = e2e.cat(f"{MOUNT_PATH}/access_token")
+    count_before = e2e.count()
+
+    def rotated() -> str | None:
+        secret_before = e2e.token()
+        in_file = e2e.cat(f"{MOUNT_PATH}/access_token")
+        secret_after = e2e.token()
+        if in_file and in_file != first and in_file in (secret_before, secret_after):
+            return in_file
+        return None
+
+    # A rotation comes within ~20 s; the kubelet syncs a Secret volume within about 60-90 s after
+    # that. The file must then equal the Secret, which rotates again every ~20 s: allow for a
+    # second kubelet sync if the first one lands just before a rotation.
+    new = wait_for(
+        "the pod's mounted access_token to change to the Secret's current token", rotated, timeout=240, interval=1
+    )
+    assert new in e2e.broker.stats()["tokens"]
+    assert e2e.count() > count_before, "the token changed without a token request"
+
+    after = e2e.pod()
+    assert after["metadata"]["uid"] == before["metadata"]["uid"], "the pod was replaced"
+    assert kit.restart_counts(after) == {"app": 0}, f"the pod's container restarted: {kit.restart_counts(after)}"
+
+
+# -- 4 -----------------------------------------------------------------------------------------
+
+
+def test_4_printer_columns(e2e: Env) -> None:
+    """``kubectl get atc`` shows READY, SECRET, EXPIRES, AGE; ``-o wide`` adds REASON and NEXT REFRESH."""
+    e2e.wait_ready(CREDENTIAL)
+    names, rows = _table(e2e.kubectl.text("get", "atc", "-n", NS))
+    for col in ("NAME", "READY", "SECRET", "EXPIRES", "AGE"):
+        assert col in names, f"`kubectl get atc` has no {col} column: {names}"
+    for col in ("REASON", "NEXT REFRESH"):
+        assert col not in names, f"{col} should appear only with -o wide: {names}"
+    assert rows[CREDENTIAL]["READY"] == "True"
+    assert rows[CREDENTIAL]["SECRET"] == TARGET
+
+    wide_names, wide_rows = _table(e2e.kubectl.text("get", "atc", "-n", NS, "-o", "wide"))
+    assert set(wide_names) >= {"NAME", "READY", "REASON", "SECRET", "EXPIRES", "NEXT REFRESH", "AGE"}, wide_names
+    assert wide_rows[CREDENTIAL]["REASON"] == "TokenIssued"
+    assert wide_rows[CREDENTIAL]["NEXT REFRESH"], wide_rows[CREDENTIAL]
+
+
+def test_4b_time_columns_are_readable(e2e: Env) -> None:
+    """EXPIRES and NEXT REFRESH show something a person can read.
+
+    A printer column of ``type: date`` is rendered as the age of the timestamp (now minus it), and
+    the API server prints ``<invalid>`` for an instant more than a second in the future, which an
+    expiry and a next refresh always are. ``type: string`` shows the RFC 3339 instant instead.
+    """
+    e2e.wait_ready(CREDENTIAL)
+    _, rows = _table(e2e.kubectl.text("get", "atc", "-n", NS, "-o", "wide"))
+    for col in ("EXPIRES", "NEXT REFRESH"):
+        value = rows[CREDENTIAL][col]
+        assert value and value not in ("<invalid>", "<unknown>", "<none>"), (
+            f"`kubectl get atc -o wide` shows {col}={value!r} for a future instant (a `type: date` printer "
+            f"column renders future timestamps as <invalid>; `type: string` would show the time itself)"
+        )
+
+
+# -- 5 -----------------------------------------------------------------------------------------
+#
+# The operator runs as two replicas with leader election (a Lease in autotek-system held by the
+# pod's name): one replica runs the passes, the other takes over when the Lease is released or
+# goes unrenewed. Both tests below first make the broker issue 600-second tokens and wait until
+# the Secret holds one, so that no scheduled rotation is due during the restart and the
+# observation window after it: any token request in that window, or any change of the Secret's
+# token, is the restart's doing.
+
+LONG_LIFETIME = 600
+
+
+def _quiet_token(e2e: Env, quiet_for: float) -> tuple[str, dict[str, Any]]:
+    """A token in the Secret whose next refresh is at least ``quiet_for`` seconds away; its status."""
+    e2e.broker.control(lifetime=LONG_LIFETIME)
+
+    def settled() -> tuple[str, dict[str, Any]] | None:
+        cred = e2e.kubectl.get("atc", CREDENTIAL, NS) or {}
+        status = cred.get("status") or {}
+        data = e2e.secret_data() or {}
+        if not (status.get("expiresAt") and status.get("nextRefreshTime") and data.get("expires_at")):
+            return None
+        if abs(kit.parse_time(status["expiresAt"]) - kit.parse_time(data["expires_at"])) >= timedelta(seconds=1):
+            return None  # the status does not describe the Secret's token yet
+        if kit.parse_time(status["nextRefreshTime"]) < datetime.now(UTC) + timedelta(seconds=quiet_for):
+            return None
+        return data["access_token"], status
+
+    try:
+        # The next scheduled rotation (within ~20 s of 30-second tokens) brings a long one.
+        return wait_for("a 600-second token in the Secret", settled, timeout=45, interval=2)
+    except AssertionError:
+        # The Secret already holds a long token, but too little of it is left: ask for a new one.
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        e2e.kubectl("annotate", "atc", CREDENTIAL, "-n", NS, f"autotek.io/refresh-requested-at={stamp}", "--overwrite")
+        return wait_for("a 600-second token after a requested refresh", settled, timeout=60, interval=2)
+
+
+def _lease(e2e: Env) -> dict[str, Any] | None:
+    """The leader-election Lease (named after the Deployment), or None when there is none."""
+    return e2e.kubectl.get("lease", kit.OPERATOR_DEPLOY, kit.OPERATOR_NS)
+
+
+def _leader(e2e: Env) -> str | None:
+    holder = ((_lease(e2e) or {}).get("spec") or {}).get("holderIdentity")
+    return str(holder) if holder else None
+
+
+def _replicas(e2e: Env) -> int:
+    deploy = e2e.kubectl.get("deploy", kit.OPERATOR_DEPLOY, kit.OPERATOR_NS)
+    assert deploy is not None
+    return int(deploy["spec"].get("replicas", 1))
+
+
+def _restart_loses_no_token(e2e: Env, delete: list[str], victims: set[str]) -> None:
+    """Run ``kubectl delete pod <delete>`` (which removes the pods ``victims``) and check the aftermath.
+
+    Throughout: the Secret holds the same, unexpired token. After: the Deployment has all its
+    replicas Ready again, a pod that was not deleted holds the Lease and runs the passes, and the
+    broker saw no token request from before the deletion until 15 s after the new leader started.
+    """
+    k = e2e.kubectl
+    token, status = _quiet_token(e2e, quiet_for=240)
+    replicas = _replicas(e2e)
+    for name in sorted(victims):  # their logs go with them; test 7 reads them
+        e2e.notes.setdefault("deleted_operator_logs", []).append(
+            k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers")
+            + k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers", "--previous")
+        )
+    count_before = e2e.count()
+    restart_at = time.time()
+
+    with kit.SecretWatch(k, NS, TARGET) as watch:
+        k("delete", "pod", *delete, "-n", kit.OPERATOR_NS, "--wait=true", "--timeout=120s", timeout=150)
+
+        def all_ready() -> list[str] | None:
+            ready = [str(p["metadata"]["name"]) for p in k.operator_pods() if kit.pod_ready(p)]
+            fresh = [name for name in ready if name not in victims]
+            return fresh if len(fresh) >= replicas else None
+
+        pods = wait_for(f"{replicas} operator pods to be Ready", all_ready, timeout=180, interval=2)
+
+        def leading() -> str | None:
+            if _lease(e2e) is None:  # no leader election: the one replica runs the passes once started
+                text = k.logs("-n", kit.OPERATOR_NS, f"pod/{pods[0]}", "--all-containers")
+                return pods[0] if "autotek-operator started" in text else None
+            holder = _leader(e2e)
+            if holder not in pods:
+                return None
+            text = k.logs("-n", kit.OPERATOR_NS, f"pod/{holder}", "--all-containers")
+            return holder if "leading: running passes" in text else None
+
+        # A leader that shuts down cleanly releases the Lease; otherwise it expires within ~30 s.
+        leader = wait_for("a remaining operator pod to take the Lease and lead", leading, timeout=120, interval=2)
+        count_at_ready = e2e.count()
+        time.sleep(15)  # a new leader that re-requested tokens would have done so by now
+        count_later = e2e.count()
+
+    samples = watch.samples
+    readable = [s for s in samples if s.error is None]
+    assert len(readable) >= 10, f"too few reads of the Secret during the restart: {samples}"
+    assert len(readable) >= len(samples) / 2, f"most reads of the Secret failed: {samples}"
+    lost = [s.at.isoformat() for s in readable if s.token is None]
+    assert not lost, f"Secret {NS}/{TARGET} had no access_token during the restart at {lost}"
+    expired = [s.at.isoformat() for s in readable if s.expires_at is None or s.expires_at <= s.at]
+    assert not expired, f"Secret {NS}/{TARGET} held an expired token during the restart at {expired}"
+    changed = [s.at.isoformat() for s in readable if s.token != token]
+    assert not changed, f"the token in Secret {NS}/{TARGET} changed at the restart (at {changed})"
+
+    assert count_before == count_at_ready == count_later, (
+        f"a token was requested that was not due: {CLIENT_ID} requests {count_before} before the restart, "
+        f"{count_at_ready} when {leader} led, {count_later} 15 s later"
+    )
+    after = e2e.wait_ready(CREDENTIAL)
+    assert after["status"].get("lastRefreshTime") == status.get("lastRefreshTime"), (after["status"], status)
+    assert e2e.token() == token
+
+    # No burst: from the last request before the restart on, requests are spaced like a schedule.
+    times = sorted(float(r["time"]) for r in e2e.broker.requests_for(CLIENT_ID))
+    first_after = next((i for i, t in enumerate(times) if t >= restart_at), len(times))
+    burst = _spacing_problems(times[max(first_after - 1, 0) :])
+    assert not burst, f"token requests for {CLIENT_ID} closer than {MIN_SPACING:.0f}s: {burst}"
+
+
+def test_5_deleting_the_operator_pods_loses_no_token_and_makes_no_request(e2e: Env) -> None:
+    """``kubectl delete pod -l app.kubernetes.io/name=autotek-operator``: every replica at once."""
+    e2e.wait_ready(CREDENTIAL)
+    pods = {str(p["metadata"]["name"]) for p in e2e.kubectl.operator_pods()}
+    assert pods, "no operator pods"
+    try:
+        _restart_loses_no_token(e2e, ["-l", kit.OPERATOR_SELECTOR], pods)
+    finally:
+        e2e.broker.control(lifetime=kit.BROKER_LIFETIME)
+
+
+def test_5b_deleting_the_leader_hands_over_without_a_token_request(e2e: Env) -> None:
+    """Deleting only the pod that holds the Lease: another replica takes over, the token stays."""
+    e2e.wait_ready(CREDENTIAL)
+    if _replicas(e2e) < 2:
+        pytest.skip("the operator runs a single replica: no leader hand-over to test")
+    leader = wait_for("the Lease to name a running operator pod", lambda: _leader(e2e), timeout=60, interval=2)
+    try:
+        _restart_loses_no_token(e2e, [leader], {leader})
+    finally:
+        e2e.broker.control(lifetime=kit.BROKER_LIFETIME)
+
+
+# -- 6 -----------------------------------------------------------------------------------------
+
+
+def test_6_deletion_policies(e2e: Env) -> None:
+    """Deleting ``autotek`` (Delete) deletes its Secret; deleting ``autotek-retain`` (Retain) keeps its own."""
+    k = e2e.kubectl
+    cred = e2e.wait_ready(CREDENTIAL)
+    secret = k.get("secret", TARGET, NS)
+    assert secret is not None
+    refs = secret["metadata"].get("ownerReferences") or []
+    assert any(
+        r.get("kind") == "AutoTekCredential"
+        and r.get("name") == CREDENTIAL
+        and r.get("uid") == cred["metadata"]["uid"]
+        and r.get("controller") is True
+        for r in refs
+    ), f"Secret {TARGET} has no controller reference to its credential: {refs}"
+
+    e2e.wait_ready(RETAIN_CREDENTIAL)
+    retained = k.get("secret", RETAIN_TARGET, NS)
+    assert retained is not None
+    assert not retained["metadata"].get("ownerReferences"), retained["metadata"].get("ownerReferences")
+
+    k("delete", "atc", CREDENTIAL, "-n", NS, "--wait=true", "--timeout=60s", timeout=90)
+    wait_for(
+        f"Secret {NS}/{TARGET} to be deleted with its credential",
+        lambda: k.get("secret", TARGET, NS) is None,
+        timeout=90,
+        interval=1,
+    )
+
+    k("delete", "atc", RETAIN_CREDENTIAL, "-n", NS, "--wait=true", "--timeout=60s", timeout=90)
+    retained_data = k.secret_data(NS, RETAIN_TARGET)
+    assert retained_data and retained_data.get("access_token"), f"Secret {NS}/{RETAIN_TARGET} lost its token"
+    # Give the garbage collector and the operator time to (wrongly) act, watching all along.
+    with kit.SecretWatch(k, NS, RETAIN_TARGET) as watch:
+        time.sleep(20)
+    missing = [s.at.isoformat() for s in watch.samples if s.error is None and s.token is None]
+    assert not missing, f"Secret {NS}/{RETAIN_TARGET} (deletionPolicy: Retain) vanished at {missing}"
+    final = k.get("secret", RETAIN_TARGET, NS)
+    assert final is not None, f"Secret {NS}/{RETAIN_TARGET} (deletionPolicy: Retain) was deleted"
+    assert k.secret_data(NS, RETAIN_TARGET) == retained_data, "the Secret changed after its credential was deleted"
+    assert final["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "autotek-operator"
+
+
+# -- 7 -----------------------------------------------------------------------------------------
+
+
+def test_7_no_rbac_denials_in_the_operator_logs(e2e: Env) -> None:
+    """The operator's logs show no 403/Forbidden: every replica, previous containers, and the pods test 5 deleted."""
+    k = e2e.kubectl
+    pods = [str(p["metadata"]["name"]) for p in k.operator_pods()]
+    assert pods, "no operator pods"
+    current = [k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers") for name in pods]
+    previous = [k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers", "--previous") for name in pods]
+    deleted = [str(text) for text in e2e.notes.get("deleted_operator_logs", [])]
+    assert any(text.strip() for text in current), "the operator wrote no logs"
+    denials = kit.rbac_denials("\n".join(deleted + previous + current))
+    assert not denials, "the operator was refused by the API server (RBAC):\n" + "\n".join(denials[:20])
