@@ -500,7 +500,7 @@ def cmd_refresh(args: argparse.Namespace, cluster: Cluster, out: Out, now: Calla
     raise CommandError(
         f"timed out after {args.timeout:g}s waiting for the operator to refresh {ns}/{name} "
         f"({c.ANN_REFRESH_REQUESTED_AT}={value}); is the operator running? "
-        f"See kubectl describe atc {name} -n {ns} and the operator's logs{detail}",
+        f"See 'kubectl describe atc {name} -n {ns}' and the operator's logs{detail}",
         EXIT_TIMEOUT,
     )
 
@@ -672,7 +672,7 @@ def cmd_check(args: argparse.Namespace, cluster: Cluster, out: Out, now: Callabl
             extra.append("(this check ran from this machine; the operator's network may differ)")
         return steps.failed("token request", exc.reason, exc.message, extra)
     steps.ok("token request", _describe_token(token, spec))
-    out.line(f"The token was discarded: Secret {spec.target.name} was not changed.")
+    out.line(f"The token was discarded: the target Secret {spec.target.name} was not changed.")
     return EXIT_OK
 
 

@@ -1,0 +1,178 @@
+"""``kubectl autotek refresh`` against the real operator process, the emulator and the broker double.
+
+The emulator runs in a thread of the test process and the broker double in another; both serve
+HTTP on 127.0.0.1, which the operator (a child process) reaches like any API server and token
+endpoint. Credentials are created up front, so that the operator's 10 s floor between token
+requests per credential runs down for all of them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autotek_operator import constants as c
+from autotek_operator import kubectl_plugin
+from autotek_operator.dev.broker import BrokerServer
+from autotek_operator.dev.emulator import EmulatorThread
+
+NS = "live"
+GOOD_ID, GOOD_SECRET = "live-client", "live-secret-Qx7pL2"
+BAD_SECRET = "not-the-live-secret"
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Live:
+    kube: Any
+    broker: BrokerServer
+    kubeconfig: Path
+    log: Path
+
+    def status(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.kube.credential(NS, name).get("status") or {}
+        return result
+
+    def ready(self, name: str) -> dict[str, Any]:
+        return next((x for x in self.status(name).get("conditions") or [] if x["type"] == "Ready"), {})
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, kube_for: Callable[[str], Any]) -> Iterator[Live]:
+    workdir = tmp_path_factory.mktemp("kubectl-plugin-live")
+    with (
+        EmulatorThread(port=0) as emu,
+        BrokerServer(clients={GOOD_ID: GOOD_SECRET}, lifetime=3600) as broker,
+    ):
+        kubeconfig = emu.write_kubeconfig(workdir / "kubeconfig")
+        kube = kube_for(emu.url)
+        log = workdir / "operator.log"
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "AUTOTEK_ALLOWED_TOKEN_URLS": broker.url + "/",
+            "AUTOTEK_LOG_LEVEL": "DEBUG",
+            "AUTOTEK_HEALTH_PORT": "0",
+            "AUTOTEK_METRICS_PORT": "0",
+            "AUTOTEK_WATCH_TIMEOUT": "10",
+        }
+        with open(log, "wb") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "autotek_operator", "run"], stdout=sink, stderr=subprocess.STDOUT, env=env
+            )
+        try:
+            wait_for("the operator to start", lambda: "Activity 'startup' succeeded" in log.read_text(), 30)
+            kube.put_secret(NS, "good-client", {"client_id": GOOD_ID, "client_secret": GOOD_SECRET})
+            kube.put_secret(NS, "bad-client", {"client_id": GOOD_ID, "client_secret": BAD_SECRET})
+            kube.create_credential(
+                NS, "good", {"clientSecretRef": {"name": "good-client"}, "tokenURL": broker.token_url}
+            )
+            kube.create_credential(NS, "bad", {"clientSecretRef": {"name": "bad-client"}, "tokenURL": broker.token_url})
+            kube.create_credential(
+                NS,
+                "blocked",
+                {"clientSecretRef": {"name": "good-client"}, "tokenURL": "https://auth.example.com/token"},
+            )
+            state = Live(kube, broker, kubeconfig, log)
+            wait_for("the first token", lambda: state.ready("good").get("status") == "True")
+            wait_for("the first refusal", lambda: state.status("bad").get("lastFailureReason") == "InvalidClient")
+            wait_for("the URL refusal", lambda: state.ready("blocked").get("reason") == "TokenURLNotAllowed")
+            yield state
+            assert proc.poll() is None, "the operator died"
+            text = log.read_text()
+            assert "Traceback" not in text
+            for secret in (GOOD_SECRET, BAD_SECRET, *broker.tokens):
+                assert secret not in text
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def plugin(live: Live, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = kubectl_plugin.main(["--kubeconfig", str(live.kubeconfig), "-n", NS, *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_refresh_blocked_before_any_request_fails_at_once(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    code, out, err = plugin(live, capsys, "refresh", "blocked", "--timeout", "15")
+    assert code == 1, out + err
+    assert time.monotonic() - started < 10
+    assert f"refresh failed for {NS}/blocked: TokenURLNotAllowed" in out
+    assert "is not allowed" in out
+    assert "what to do: use an allowed token URL" in out
+
+
+def test_refresh_gets_a_new_token(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    before = live.kube.secret_data(NS, "good")["access_token"]
+    code, out, err = plugin(live, capsys, "refresh", "good", "--timeout", "30")
+    assert code == 0, out + err
+    assert out.startswith(f"token refreshed for {NS}/good; valid until ")
+    after = live.kube.secret_data(NS, "good")
+    assert after["access_token"] != before
+    assert after["access_token"] not in out + err
+    assert after["authorization"] == "Bearer " + after["access_token"]
+    status = live.status("good")
+    annotation = live.kube.credential(NS, "good")["metadata"]["annotations"][c.ANN_REFRESH_REQUESTED_AT]
+    assert status["lastRefreshRequest"] == annotation
+    assert status["lastRefreshTime"] >= annotation
+    assert status["expiresAt"] in out
+
+
+def test_refresh_refused_by_the_broker(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    attempts = live.status("bad")["failedAttempts"]
+    code, out, err = plugin(live, capsys, "refresh", "bad", "--timeout", "30")
+    assert code == 1, out + err
+    assert f"refresh failed for {NS}/bad: InvalidClient" in out
+    assert "HTTP 401" in out
+    for i, hint in enumerate(c.TROUBLESHOOTING_HINTS, 1):
+        assert f"{i}. {hint}" in out
+    assert live.status("bad")["failedAttempts"] > attempts
+    assert BAD_SECRET not in out + err
+
+
+def test_refresh_no_wait(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    code, out, err = plugin(live, capsys, "refresh", "good", "--no-wait")
+    assert code == 0, err
+    assert time.monotonic() - started < 3
+    value = live.kube.credential(NS, "good")["metadata"]["annotations"][c.ANN_REFRESH_REQUESTED_AT]
+    assert out.strip() == f"refresh requested for {NS}/good ({c.ANN_REFRESH_REQUESTED_AT}={value})"
+
+
+def test_refresh_times_out_without_an_operator(run: Any, kube: Any, ns: str) -> None:
+    # The directory's shared emulator: no operator watches it.
+    kube.create_credential(ns, "lonely", {"clientSecretRef": {"name": "client"}})
+    started = time.monotonic()
+    r = run("-n", ns, "refresh", "lonely", "--timeout", "2")
+    elapsed = time.monotonic() - started
+    assert r.code == 2
+    assert 2 <= elapsed < 5
+    assert r.out == ""
+    assert f"timed out after 2s waiting for the operator to refresh {ns}/lonely" in r.err
+    assert kube.credential(ns, "lonely")["metadata"]["annotations"][c.ANN_REFRESH_REQUESTED_AT]
