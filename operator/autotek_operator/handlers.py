@@ -98,11 +98,26 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 async def _elect(elector: LeaderElector, runtime: Runtime) -> None:
-    """Renew or contend for the Lease every retry period; lead only while it is held."""
-    while True:
-        result = await asyncio.to_thread(elector.try_acquire_or_renew)
-        runtime.set_active(elector.still_leading(result))
-        await asyncio.sleep(elector.retry_period)
+    """Renew or contend for the Lease every retry period; lead only while it is held.
+
+    A watchdog steps down as soon as the renew deadline passes, even while a renewal call
+    still hangs, so that this replica stops before another may take the Lease over."""
+
+    async def watchdog() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if runtime.active and elector.deadline_passed():
+                log.warning("could not renew the leader Lease in time; stepping down")
+                runtime.set_active(False)
+
+    guard = asyncio.create_task(watchdog())
+    try:
+        while True:
+            result = await asyncio.to_thread(elector.try_acquire_or_renew)
+            runtime.set_active(elector.still_leading(result))
+            await asyncio.sleep(elector.retry_period)
+    finally:
+        guard.cancel()
 
 
 @kopf.on.cleanup()

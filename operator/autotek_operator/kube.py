@@ -37,6 +37,8 @@ R = TypeVar("R")
 
 #: (connect, read) seconds for every API call.
 REQUEST_TIMEOUT = (5.0, 30.0)
+#: Lease calls must return well within the leader's renew deadline.
+LEASE_TIMEOUT = (3.0, 5.0)
 
 
 class Conflict(Exception):
@@ -168,13 +170,21 @@ class Kube:
 
     @api_call("coordination.k8s.io", "leases", "get")
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._get(self.coordination.read_namespaced_lease, name, namespace)
+        try:
+            resp = self.coordination.read_namespaced_lease(
+                name, namespace, _preload_content=False, _request_timeout=LEASE_TIMEOUT
+            )
+        except ApiException as exc:
+            if _is_404(exc):
+                return None
+            raise
+        return _json(resp)
 
     @api_call("coordination.k8s.io", "leases", "create")
     def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         try:
             resp = self.coordination.create_namespaced_lease(
-                namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                namespace, _raw(body), _preload_content=False, _request_timeout=LEASE_TIMEOUT
             )
         except ApiException as exc:
             if exc.status == 409:
@@ -185,7 +195,7 @@ class Kube:
     @api_call("coordination.k8s.io", "leases", "update")
     def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         resp = self.coordination.replace_namespaced_lease(
-            name, namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            name, namespace, _raw(body), _preload_content=False, _request_timeout=LEASE_TIMEOUT
         )
         return _json(resp)
 

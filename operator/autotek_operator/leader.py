@@ -103,6 +103,10 @@ class LeaderElector:
         self._last_renew = self.monotonic()
         return LEADING
 
+    def deadline_passed(self) -> bool:
+        """True once the Lease has gone unrenewed for the renew deadline (stop acting as leader)."""
+        return self._last_renew is None or self.monotonic() - self._last_renew >= self.renew_deadline
+
     def still_leading(self, result: str) -> bool:
         """Whether to keep acting as leader after a round that returned ``result``."""
         if result == LEADING:

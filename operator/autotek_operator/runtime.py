@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+from . import constants as c
 from . import metrics
 from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
 
@@ -99,6 +100,8 @@ class Runtime:
             log.info("leading: running passes for %d credentials", len(self.states))
         else:
             log.info("following: another replica runs the passes")
+            for key in self.states:
+                metrics.forget_credential(*key)  # the leader reports them; stale values would alert
         if self._wake is not None:
             self._wake.set()
 
@@ -331,6 +334,8 @@ class Runtime:
                 if not deleted and version == st.target_version:
                     return False
                 st.target_body = None if deleted else body
+                if st.last_failure_reason in (c.REASON_TARGET_CONFLICT, c.REASON_TARGET_NOT_FOUND):
+                    st.force_new = "the target Secret changed"  # the obstacle may be gone: try now
                 return True
 
             self._change(key, target_change, f"target Secret {event_type or 'listed'}")

@@ -217,6 +217,10 @@ def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
         data=tuple(sorted(_string_map(template.get("data"), "spec.target.template.data").items())),
     )
 
+    if target.name == client_secret_ref.name:
+        # Writing the token into the client Secret would change it, which asks for a new token.
+        raise InvalidSpec("spec.target.name must differ from spec.clientSecretRef.name")
+
     r = _mapping(s.get("refresh"), "spec.refresh")
     pct_raw = r.get("renewBeforePercentage")
     before_raw = r.get("renewBefore")

@@ -721,6 +721,11 @@ INVALID = [
         (("spec.target.template.labels.a", "type", ""),),
     ),
     Case("spec 42", 42, (("spec", "type", "object"),)),
+    Case(
+        "target is the client Secret",
+        minimal(target={"name": "autotek-client"}),
+        (("spec", "rule", "must differ from clientSecretRef.name"),),
+    ),
     # Template keys are checked again when rendered: a bad one is left out and reported, so that
     # it cannot stop rotation; the operator's parser accepts them on purpose.
     Case(

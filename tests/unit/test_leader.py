@@ -156,3 +156,14 @@ def test_release_by_a_non_holder_changes_nothing(env: Any) -> None:
     a.try_acquire_or_renew()
     b.release()
     assert holder(env) == "a"
+
+
+def test_deadline_passed_is_judged_without_a_renewal_call(env: Any) -> None:
+    api, clock, mono = env
+    a = elector(env, "a")
+    assert a.deadline_passed()  # never renewed
+    a.try_acquire_or_renew()
+    mono.t += 19
+    assert not a.deadline_passed()
+    mono.t += 1
+    assert a.deadline_passed()

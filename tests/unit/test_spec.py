@@ -506,3 +506,15 @@ def test_invalid_spec(spec: Any, field: str) -> None:
     assert field in str(raised.value)
     assert raised.value.reason == c.REASON_INVALID_SPEC
     assert raised.value.retry_class == "permanent"
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        pytest.param({"clientSecretRef": {"name": "c"}, "target": {"name": "c"}}, "x", id="explicit"),
+        pytest.param({"clientSecretRef": {"name": "autotek"}}, "autotek", id="defaulted-from-metadata-name"),
+    ],
+)
+def test_target_must_not_be_the_client_secret(spec: Any, name: str) -> None:
+    with pytest.raises(InvalidSpec, match="spec.target.name must differ"):
+        parse_spec(spec, name=name)
