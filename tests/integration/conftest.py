@@ -81,3 +81,22 @@ def new_client(cluster: Cluster, broker: Broker, ns: str, secret_name: str = "au
 @pytest.fixture
 def client(cluster: Cluster, broker: Broker, ns: str) -> Client:
     return new_client(cluster, broker, ns)
+
+
+# -- the fault table (tests/integration/test_faults.py records its rows in faults.ROWS) ----------------
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection table (also without -s) and write it to build/fault-table.md."""
+    import faults
+    from harness import ROOT
+
+    if not faults.ROWS:
+        return
+    terminalreporter.section("fault injection")
+    for line in faults.table_lines():
+        terminalreporter.write_line(line)
+    out = ROOT / "build" / "fault-table.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(faults.markdown())
+    terminalreporter.write_line(f"(table written to {out.relative_to(ROOT)})")

@@ -516,5 +516,5 @@ def test_invalid_spec(spec: Any, field: str) -> None:
     ],
 )
 def test_target_must_not_be_the_client_secret(spec: Any, name: str) -> None:
-    with pytest.raises(InvalidSpec, match="spec.target.name must differ"):
+    with pytest.raises(InvalidSpec, match=r"spec\.target\.name must differ"):
         parse_spec(spec, name=name)
