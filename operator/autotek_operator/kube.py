@@ -9,6 +9,7 @@ wrote (an ``ApiException``'s text can carry request bodies, i.e. Secret data).
 from __future__ import annotations
 
 import functools
+import json
 import secrets as _random
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -90,13 +91,28 @@ def _is_404(exc: ApiException) -> bool:
     return bool(exc.status == 404)
 
 
-def _raw(body: Any) -> Any:
-    """Bodies go out as plain JSON-able dicts; the client's typed models are not used."""
-    return body
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def _call(fn: Callable[..., Any], *args: Any, timeout: tuple[float, float] = REQUEST_TIMEOUT, **kw: Any) -> Any:
+    """Call a client method for its raw JSON answer (bodies go out as plain dicts)."""
+    return _json(fn(*args, _preload_content=False, _request_timeout=timeout, **kw))
+
+
+def _call_or_none(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Like _call, but None when the object does not exist (404)."""
+    try:
+        return _call(fn, *args, **kw)
+    except ApiException as exc:
+        if _is_404(exc):
+            return None
+        raise
 
 
 class Kube:
-    """The operator's Kubernetes calls, blocking; run them from worker threads."""
+    """The operator's Kubernetes calls, blocking; run them from worker threads.
+
+    409 answers leave as ``Conflict`` (see ``api_call``), 404 as None where that is meaningful."""
 
     def __init__(self, api_client: ApiClient) -> None:
         self.api_client = api_client
@@ -105,143 +121,84 @@ class Kube:
         self.coordination = CoordinationV1Api(api_client)
         self.apps = AppsV1Api(api_client)
 
-    def _get(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
-        try:
-            obj = fn(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as exc:
-            if _is_404(exc):
-                return None
-            raise
-        return _json(obj)
-
     @api_call("", "secrets", "get")
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._get(self.core.read_namespaced_secret, name, namespace)
+        result: dict[str, Any] | None = _call_or_none(self.core.read_namespaced_secret, name, namespace)
+        return result
 
     @api_call("", "secrets", "create")
     def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            resp = self.core.create_namespaced_secret(
-                namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict("secret already exists") from None
-            raise
-        return _json(resp)
+        result: dict[str, Any] = _call(self.core.create_namespaced_secret, namespace, body)
+        return result
 
     @api_call("", "secrets", "update")
     def replace_secret(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        resp = self.core.replace_namespaced_secret(
-            name, namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-        )
-        return _json(resp)
+        result: dict[str, Any] = _call(self.core.replace_namespaced_secret, name, namespace, body)
+        return result
 
     @api_call("", "secrets", "patch")
     def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
-        try:
-            resp = self.core.patch_namespaced_secret(
-                name,
-                namespace,
-                _raw(patch),
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-                _content_type="application/merge-patch+json",
-            )
-        except ApiException as exc:
-            if _is_404(exc):
-                return None
-            raise
-        return _json(resp)
+        result: dict[str, Any] | None = _call_or_none(
+            self.core.patch_namespaced_secret, name, namespace, patch, _content_type=MERGE_PATCH
+        )
+        return result
 
     @api_call("", "secrets", "delete")
     def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
-        body: dict[str, Any] = {}
-        if uid:
-            body["preconditions"] = {"uid": uid}
+        body = {"preconditions": {"uid": uid}} if uid else {}
         try:
-            self.core.delete_namespaced_secret(
-                name, namespace, body=_raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
+            _call_or_none(self.core.delete_namespaced_secret, name, namespace, body=body)
         except ApiException as exc:
-            if exc.status in (404, 409):
-                return
-            raise
+            if exc.status != 409:  # 409: the uid changed, i.e. someone else's Secret now
+                raise
 
     @api_call("coordination.k8s.io", "leases", "get")
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            resp = self.coordination.read_namespaced_lease(
-                name, namespace, _preload_content=False, _request_timeout=LEASE_TIMEOUT
-            )
-        except ApiException as exc:
-            if _is_404(exc):
-                return None
-            raise
-        return _json(resp)
+        result: dict[str, Any] | None = _call_or_none(
+            self.coordination.read_namespaced_lease, name, namespace, timeout=LEASE_TIMEOUT
+        )
+        return result
 
     @api_call("coordination.k8s.io", "leases", "create")
     def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            resp = self.coordination.create_namespaced_lease(
-                namespace, _raw(body), _preload_content=False, _request_timeout=LEASE_TIMEOUT
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict("lease already exists") from None
-            raise
-        return _json(resp)
+        result: dict[str, Any] = _call(
+            self.coordination.create_namespaced_lease, namespace, body, timeout=LEASE_TIMEOUT
+        )
+        return result
 
     @api_call("coordination.k8s.io", "leases", "update")
     def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        resp = self.coordination.replace_namespaced_lease(
-            name, namespace, _raw(body), _preload_content=False, _request_timeout=LEASE_TIMEOUT
+        result: dict[str, Any] = _call(
+            self.coordination.replace_namespaced_lease, name, namespace, body, timeout=LEASE_TIMEOUT
         )
-        return _json(resp)
+        return result
 
     @api_call("apps", tuple(WORKLOADS.values()), "get", feature="rollout-restart")
     def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         read = getattr(self.apps, f"read_namespaced_{_CLIENT_NAMES[kind]}")
-        return self._get(read, name, namespace)
+        result: dict[str, Any] | None = _call_or_none(read, name, namespace)
+        return result
 
     @api_call("apps", tuple(WORKLOADS.values()), "patch", feature="rollout-restart")
     def restart_workload(self, kind: str, namespace: str, name: str, when: str) -> bool:
         """Bump the pod template's restartedAt annotation, as ``kubectl rollout restart`` does."""
         patch = getattr(self.apps, f"patch_namespaced_{_CLIENT_NAMES[kind]}")
         body = {"spec": {"template": {"metadata": {"annotations": {c.ANN_RESTARTED_AT: when}}}}}
-        try:
-            patch(
-                name,
-                namespace,
-                _raw(body),
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-                _content_type="application/merge-patch+json",
-            )
-        except ApiException as exc:
-            if _is_404(exc):
-                return False
-            raise
-        return True
+        return _call_or_none(patch, name, namespace, body, _content_type=MERGE_PATCH) is not None
 
     @api_call(c.GROUP, f"{c.PLURAL}/status", "patch")
     def patch_credential_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                c.GROUP,
-                c.VERSION,
-                namespace,
-                c.PLURAL,
-                name,
-                {"status": dict(status)},
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-                _content_type="application/merge-patch+json",
-            )
-        except ApiException as exc:
-            if _is_404(exc):
-                return  # deleted meanwhile: nothing to report on
-            raise
+        # 404: deleted meanwhile, nothing to report on.
+        _call_or_none(
+            self.custom.patch_namespaced_custom_object_status,
+            c.GROUP,
+            c.VERSION,
+            namespace,
+            c.PLURAL,
+            name,
+            {"status": dict(status)},
+            _content_type=MERGE_PATCH,
+        )
 
     @api_call("", "events", "create")
     def create_event(
@@ -277,16 +234,17 @@ class Kube:
             "reportingComponent": c.MANAGER,
             "reportingInstance": c.MANAGER,
         }
-        self.core.create_namespaced_event(
-            namespace, _raw(body), _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-        )
+        _call(self.core.create_namespaced_event, namespace, body)
 
 
-def _json(resp: Any) -> dict[str, Any]:
-    import json
-
+def _json(resp: Any) -> Any:
     data = resp.data if hasattr(resp, "data") else resp
-    doc = json.loads(data)
+    if not data:
+        return {}
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise KubernetesAPIError("Kubernetes API answered with something that is not JSON") from None
     if not isinstance(doc, dict):
         raise KubernetesAPIError("Kubernetes API answered with something that is not an object")
     return doc
