@@ -55,6 +55,9 @@ class Runtime:
         self.secret_versions: dict[Key, str] = {}
         self.inflight: set[Key] = set()
         self.pending: dict[Key, list[Change]] = {}
+        #: Credentials deleted while their pass ran: clean up again once it has finished, since
+        #: the pass may have written the target Secret after the first cleanup.
+        self._cleanup_after: dict[Key, Mapping[str, Any]] = {}
         self._heap: list[tuple[float, int, Key]] = []
         self._due: dict[Key, float] = {}
         self._seq = itertools.count()
@@ -171,6 +174,9 @@ class Runtime:
             result = await loop.run_in_executor(self._executor, run_pass, snapshot, self.deps)
             self.passes += 1
             if self.states.get(key) is not live:
+                deleted = self._cleanup_after.pop(key, None)
+                if deleted is not None:
+                    await loop.run_in_executor(self._executor, cleanup_deleted, deleted, self.deps)
                 return  # deleted (or deleted and re-created) while the pass ran
             self.states[key] = result
             _observe(result)
@@ -237,6 +243,8 @@ class Runtime:
             self._forget(key)
             if not self.active:
                 return  # the leader cleans up
+            if key in self.inflight:
+                self._cleanup_after[key] = body
             task = asyncio.get_running_loop().run_in_executor(self._executor, cleanup_deleted, body, self.deps)
             self._tasks.add(asyncio.ensure_future(task))
             return

@@ -83,17 +83,17 @@ def next_attempt(
     delay: float | None,
     expires_at: datetime | None,
 ) -> datetime | None:
-    """The next attempt after a failure: after ``delay``, no later than the held token's expiry,
-    and never sooner than the floor after the previous attempt. None: only a change retries."""
+    """The next pass after a failure: a retry after ``delay`` (never sooner than the floor after
+    the previous request), or the held token's expiry if that comes first, so that Ready turns
+    False exactly then. None: only a change retries."""
     candidates: list[datetime] = []
     if delay is not None:
-        candidates.append(now + timedelta(seconds=delay))
+        retry = now + timedelta(seconds=delay)
+        if last_attempt_at is not None:
+            retry = max(retry, last_attempt_at + timedelta(seconds=FLOOR_SECONDS))
+        candidates.append(retry)
     if expires_at is not None and expires_at > now:
-        # Still-valid token: try again before it runs out (and flip to Expired if that fails).
+        # Still-valid token: look again at its expiry at the latest (the pass there defers its
+        # token request to the floor if need be, and reports Expired).
         candidates.append(expires_at)
-    if not candidates:
-        return None
-    at = min(candidates)
-    if last_attempt_at is not None:
-        at = max(at, last_attempt_at + timedelta(seconds=FLOOR_SECONDS))
-    return at
+    return min(candidates) if candidates else None

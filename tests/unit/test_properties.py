@@ -128,11 +128,13 @@ def test_next_attempt_bounds(
         assert result is None
         return
     assert result is not None
-    if floor is not None:
-        assert result >= floor
     if valid:
+        # Never past a still-valid token's expiry: Ready must turn False exactly then.
         assert expires_at is not None
-        assert result <= expires_at or result == floor
+        assert result <= expires_at
+    if floor is not None and not (valid and result == expires_at):
+        # A retry (as opposed to the wake-up at expiry) keeps the floor after the last request.
+        assert result >= floor
     if delay is not None:
         assert result <= max(now + timedelta(seconds=delay), floor or now)
     assert result >= now

@@ -258,7 +258,9 @@ def at(seconds: float) -> datetime:
         pytest.param(None, 30.0, NOW, at(30), id="expiry-now-ignored"),
         pytest.param(NOW, 1.0, None, at(10), id="floor-wins-over-delay"),
         pytest.param(at(-4), 1.0, None, at(6), id="floor-from-last-attempt"),
-        pytest.param(NOW, 300.0, at(5), at(10), id="floor-wins-over-expiry"),
+        # The wake-up at expiry is not held back by the floor (Ready must turn False then); the
+        # pass at expiry defers its token request to the floor itself.
+        pytest.param(NOW, 300.0, at(5), at(5), id="expiry-inside-floor-still-wakes"),
         pytest.param(NOW, 0.0, None, at(10), id="zero-delay-floor"),
         pytest.param(None, 0.0, None, NOW, id="zero-delay-no-last-attempt"),
         pytest.param(at(-10), 0.0, None, NOW, id="floor-exactly-now"),
@@ -266,7 +268,7 @@ def at(seconds: float) -> datetime:
         pytest.param(NOW, None, None, None, id="no-delay-no-expiry-with-last"),
         pytest.param(None, None, at(-1), None, id="no-delay-expired"),
         pytest.param(None, None, at(100), at(100), id="no-delay-valid-expiry"),
-        pytest.param(NOW, None, at(3), at(10), id="no-delay-expiry-inside-floor"),
+        pytest.param(NOW, None, at(3), at(3), id="no-delay-expiry-inside-floor"),
     ],
 )
 def test_next_attempt(
