@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator/autotek_operator
+	$(BIN)/ruff check --no-cache operator tests
+	$(BIN)/ruff format --no-cache --check operator/autotek_operator
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

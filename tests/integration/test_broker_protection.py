@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Client, new_client
 from harness import Broker, Cluster, Operator, wait_for
+
+from conftest import Client, new_client
 
 pytestmark = pytest.mark.integration
 

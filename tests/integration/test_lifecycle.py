@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client
 from harness import Broker, Cluster, Operator, wait_for
+
+from conftest import Client
 
 pytestmark = pytest.mark.integration
 

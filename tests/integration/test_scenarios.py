@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import Client, new_client
 from harness import Broker, Cluster, Operator, wait_for
+
+from conftest import Client, new_client
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,9 @@ import base64
 import json
 
 import pytest
-from conftest import SENSITIVE, Client
 from harness import Broker, Cluster, Operator, wait_for
+
+from conftest import SENSITIVE, Client
 
 pytestmark = pytest.mark.integration
 
