@@ -32,10 +32,12 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit tests/crd tests/token_client tests/emulator
 
 integration: $(STAMP)
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q -n 3 --dist loadfile tests/integration
 
+# Files run in parallel (each worker has its own API emulator, token endpoint and operator):
+# the integration tests mostly wait on timers, so three workers fit two cores.
 test: lint typecheck $(STAMP)
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n 3 --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/autotek-operator demo

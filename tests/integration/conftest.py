@@ -48,6 +48,22 @@ def operator(cluster: Cluster, broker: Broker, workdir: Path) -> Iterator[Operat
     op.start()
     yield op
     op.stop()
+    # Every run (each pytest-xdist worker too) scans all its operators' logs, Events and status.
+    found = leaks(cluster, broker, workdir)
+    assert not found, f"secret values found in {found}"
+
+
+def leaks(cluster: Cluster, broker: Broker, workdir: Path) -> list[str]:
+    """Where any client secret or token this session used appears (logs at DEBUG, Events, status)."""
+    import base64
+    import json
+
+    needles = set(SENSITIVE) | set(broker.stats()["tokens"])
+    needles |= {base64.b64encode(n.encode()).decode() for n in list(needles)}
+    haystacks = {str(p.relative_to(workdir)): p.read_text(errors="replace") for p in workdir.rglob("operator-*.log")}
+    haystacks["events"] = cluster.core.list_event_for_all_namespaces(_preload_content=False).data.decode()
+    haystacks["status"] = json.dumps([c.get("status") for c in cluster.list_credentials()])
+    return sorted(where for where, text in haystacks.items() if any(n in text for n in needles if n))
 
 
 @pytest.fixture
@@ -86,11 +102,46 @@ def client(cluster: Cluster, broker: Broker, ns: str) -> Client:
 # -- the fault table (tests/integration/test_faults.py records its rows in faults.ROWS) ----------------
 
 
+def _rows_dir() -> Path:
+    from harness import ROOT
+
+    return ROOT / "build" / "fault-rows"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In the main process, forget rows an earlier run left for the table."""
+    if not hasattr(session.config, "workerinput"):
+        for old in _rows_dir().glob("*.json"):
+            old.unlink()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker, hand the fault rows to the main process through a file."""
+    import dataclasses
+    import json
+
+    import faults
+
+    worker = getattr(session.config, "workerinput", None)
+    if worker is None or not faults.ROWS:
+        return
+    _rows_dir().mkdir(parents=True, exist_ok=True)
+    doc = {"rows": [dataclasses.asdict(r) for r in faults.ROWS], "totals": faults.TOTALS}
+    (_rows_dir() / f"{worker['workerid']}.json").write_text(json.dumps(doc))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print the fault-injection table (also without -s) and write it to build/fault-table.md."""
+    import json
+
     import faults
     from harness import ROOT
 
+    if not faults.ROWS:  # run by pytest-xdist workers: collect what they handed over
+        for path in sorted(_rows_dir().glob("*.json")):
+            doc = json.loads(path.read_text())
+            faults.ROWS.extend(faults.Row(**r) for r in doc["rows"])
+            faults.TOTALS.update(doc["totals"])
     if not faults.ROWS:
         return
     terminalreporter.section("fault injection")
