@@ -28,6 +28,7 @@ from .target import (
     matches,
     merge_patch,
     render_templates,
+    trim_secret,
     unb64,
     unmerge_patch,
 )
@@ -64,14 +65,14 @@ class _Unknown:
 UNKNOWN: Any = _Unknown()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientCredentials:
     version: str
     client_id: str = field(repr=False)
     client_secret: str = field(repr=False)
 
 
-@dataclass
+@dataclass(slots=True)
 class CredentialState:
     """What the operator knows about one AutoTekCredential."""
 
@@ -349,7 +350,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         deps.tokens.check_allowed(spec.token_url)
         target = st.target_body
         if target is UNKNOWN:
-            target = deps.kube.get_secret(st.namespace, spec.target.name)
+            target = trim_secret(deps.kube.get_secret(st.namespace, spec.target.name))
             st.target_body = target
         if target is None and spec.target.creation_policy == CREATION_MERGE:
             raise errors.TargetNotFound(

@@ -21,6 +21,7 @@ from typing import Any
 from . import constants as c
 from . import metrics
 from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
+from .target import trim_secret
 
 log = logging.getLogger("autotek_operator")
 
@@ -326,7 +327,7 @@ class Runtime:
                     st.client_body = None
                     return False
                 known = st.client.version if st.client is not None else st.issued_client_version
-                st.client_body = body
+                st.client_body = trim_secret(body)
                 if version == known:
                     return False
                 st.client = None
@@ -341,7 +342,7 @@ class Runtime:
                 # Our own writes come back with the version we recorded: nothing to do.
                 if not deleted and version == st.target_version:
                     return False
-                st.target_body = None if deleted else body
+                st.target_body = None if deleted else trim_secret(body)
                 if st.last_failure_reason in (c.REASON_TARGET_CONFLICT, c.REASON_TARGET_NOT_FOUND):
                     st.force_new = "the target Secret changed"  # the obstacle may be gone: try now
                 return True

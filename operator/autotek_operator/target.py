@@ -24,7 +24,7 @@ class Owner:
     uid: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeldToken:
     """The token the operator holds for one credential (never logged: repr hides the token)."""
 
@@ -40,6 +40,22 @@ class HeldToken:
 
     def valid(self, now: datetime) -> bool:
         return now < self.expires_at
+
+
+_KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations", "ownerReferences")
+
+
+def trim_secret(secret: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The parts of a Secret a pass needs, for keeping in memory (managedFields and the like are
+    dropped: thousands of cached Secrets add up)."""
+    if secret is None:
+        return None
+    meta = secret.get("metadata") or {}
+    return {
+        "type": secret.get("type"),
+        "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
+        "data": dict(secret.get("data") or {}),
+    }
 
 
 def b64(value: str) -> str:
