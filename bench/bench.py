@@ -1,0 +1,953 @@
+"""Scale and speed benchmark of the real operator process (``make bench``; ``--help`` for options).
+
+For each N it runs, each against a fresh API server (the emulator started as its own process, or
+the cluster named by ``AUTOTEK_BENCH_KUBECONFIG`` with throwaway namespaces) and a fresh token
+endpoint double (its own process, one client per credential):
+
+bare      the bare loop: the first-issue work for N credentials done directly (bench/bareloop.py)
+ready     N credentials created together -> all Ready=True, with the operator running; its CPU
+          and peak RSS; token requests per credential at issue
+rotation  the first refresh of all N (short lifetime): CPU per refresh, API requests per refresh,
+          token requests per credential per cycle, spread of the refreshes
+idle      60 s with N credentials held and none due: CPU as % of one core
+restart   SIGTERM, a new operator: token requests it makes, time until every credential is confirmed
+dedup     N credentials of ONE client (one client Secret): token requests per credential at issue
+bad       N new credentials against a token endpoint answering 503: request rate, concurrency,
+          operator RSS and threads
+profile   (largest N only) a separate ready phase with py-spy attached (--gil: samples whichever
+          thread holds the GIL, i.e. where the Python CPU goes), then a memory census of the
+          operator's structures (bench/opwrapper.py; tracemalloc too with --tracemalloc)
+
+Results go to a table on stdout and to JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchkit as bk
+import profiling
+
+PHASES = ("bare", "ready", "rotation", "idle", "restart", "dedup", "bad", "profile")
+LONG_LIFETIME = 3600.0
+WORKERS = 8  # AUTOTEK_WORKERS default, used by the bare loop too
+MAX_CONCURRENT_TOKEN_REQUESTS = 8  # AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS default
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def mib(kib: float) -> float:
+    return round(kib / 1024.0, 1)
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+
+def wait_ready(cluster: bk.Cluster, ns: str, n: int, t0: float, timeout: float) -> dict[str, Any]:
+    """Poll until all ``n`` credentials of ``ns`` are Ready; times (from ``t0``) to 50 %, 90 %, 100 %."""
+    interval = (0.1 if n <= 1000 else 0.25 if n <= 5000 else 0.5) if cluster.emulated else (0.5 if n <= 1000 else 1.0)
+    marks: dict[str, float | None] = {"t50": None, "t90": None, "t100": None}
+    ready = 0
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, ready = cluster.ready_count(ns)
+        now = time.time() - t0
+        for key, share in (("t50", 0.5), ("t90", 0.9), ("t100", 1.0)):
+            if marks[key] is None and ready >= share * n:
+                marks[key] = round(now, 2)
+        if ready >= n:
+            break
+        time.sleep(interval)
+    return {**marks, "ready": ready, "timed_out": ready < n, "poll_interval": interval}
+
+
+class LogCounter:
+    """Counts lines containing all of ``needles`` in a growing log file, reading only what is new."""
+
+    def __init__(self, path: Path, *needles: str) -> None:
+        self.path, self.needles = path, needles
+        self.offset, self.total, self.rest = 0, 0, b""
+
+    def count(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return self.total
+        self.offset += len(data)
+        lines = (self.rest + data).split(b"\n")
+        self.rest = lines.pop()
+        wanted = [x.encode() for x in self.needles]
+        self.total += sum(1 for line in lines if all(w in line for w in wanted))
+        return self.total
+
+
+def api_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    keys = set(before) | set(after)
+    out = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(keys)}
+    return {k: v for k, v in out.items() if v}
+
+
+def per(counts: dict[str, int] | None, n: int) -> dict[str, float] | None:
+    if counts is None or n <= 0:
+        return None
+    return {k: round(v / n, 3) for k, v in counts.items()}
+
+
+def writes(counts: dict[str, int] | None) -> int | None:
+    if counts is None:
+        return None
+    return sum(v for k, v in counts.items() if k.split()[0] in ("POST", "PUT", "PATCH", "DELETE"))
+
+
+def spread_stats(times: list[float], trials: int = 200) -> dict[str, Any]:
+    """Window of the refreshes, and the largest share of them inside any 1 % slice of it."""
+    if len(times) < 2:
+        return {"refreshes": len(times)}
+    times = sorted(times)
+    lo, hi = times[0], times[-1]
+    width = hi - lo
+    n = len(times)
+
+    def max_sliding(ts: list[float], w: float) -> int:
+        best, j = 0, 0
+        for i in range(len(ts)):
+            while ts[i] - ts[j] > w:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+    def max_bins(ts: list[float]) -> int:
+        bins = [0] * 100
+        for t in ts:
+            bins[min(99, int((t - lo) / width * 100))] += 1 if width > 0 else 0
+        return max(bins)
+
+    sliding = max_sliding(times, width / 100.0) if width > 0 else n
+    binned = max_bins(times) if width > 0 else n
+    rng = random.Random(12345)  # noqa: S311 - a reference distribution, not security
+    ref = []
+    for _ in range(trials):
+        sample = sorted(rng.random() for _ in range(n))
+        ref.append(max_sliding(sample, (sample[-1] - sample[0]) / 100.0))
+    return {
+        "refreshes": n,
+        "window_s": round(width, 2),
+        "max_1pct_share_pct": round(100.0 * sliding / n, 2),
+        "max_1pct_share_fixed_bins_pct": round(100.0 * binned / n, 2),
+        "uniform_random_reference_pct": round(100.0 * sum(ref) / len(ref) / n, 2),
+    }
+
+
+# -- one N -----------------------------------------------------------------------------------------
+
+
+class Run:
+    """Everything for one N; fills ``self.r``."""
+
+    def __init__(self, args: argparse.Namespace, n: int, workdir: Path, largest: bool) -> None:
+        self.args, self.n, self.largest = args, n, largest
+        self.workdir = workdir / f"n{n}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.kubeconfig = os.environ.get("AUTOTEK_BENCH_KUBECONFIG") or None
+        self.r: dict[str, Any] = {"n": n}
+        self.phases = set(args.only)
+
+    def on(self, phase: str) -> bool:
+        return phase in self.phases
+
+    # -- bare loop ----------------------------------------------------------------------------------
+
+    def bare(self) -> None:
+        n = self.n
+        cluster = bk.Cluster(self.workdir, "bare", self.kubeconfig)
+        broker = bk.Broker(self.workdir, "bare")
+        try:
+            broker.control(lifetime=LONG_LIFETIME)
+            ns = cluster.create_namespace("bench-bare")
+            clients, seed_s = cluster.create_client_secrets(ns, n)
+            broker.add_clients(clients)
+            create_s = cluster.create_credentials(ns, n, broker.token_url)
+            proc = subprocess.run(  # noqa: S603 - our own command line
+                [
+                    bk.python(),
+                    str(bk.BENCH / "bareloop.py"),
+                    "--kubeconfig",
+                    str(cluster.kubeconfig),
+                    "--namespace",
+                    ns,
+                    "--workers",
+                    str(WORKERS),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=bk.ROOT,
+                timeout=max(600, n * 0.2),
+            )
+            (self.workdir / "bareloop.log").write_text(proc.stdout + proc.stderr)
+            doc = json.loads(proc.stdout.strip().splitlines()[-1])
+            summary = broker.summary(prefix=ns)
+            self.r["bare"] = {
+                "client_secrets_seed_s": round(seed_s, 2),
+                "create_s": round(create_s, 2),
+                "loop_s": round(doc["seconds"], 2),
+                "total_s": round(create_s + doc["seconds"], 2),
+                "errors": doc["errors"],
+                "cpu_s": round(doc["cpu_seconds"], 2),
+                "max_rss_mib": mib(doc["max_rss_kib"]),
+                "token_requests": summary["count"],
+                "emulator_cpu_s": self._cpu(cluster.pid),
+            }
+            log(f"N={n} bare loop: create {create_s:.2f}s + loop {doc['seconds']:.2f}s, errors {doc['errors']}")
+            cluster.delete_namespace(ns, wait=180)
+        finally:
+            broker.stop()
+            cluster.stop()
+
+    @staticmethod
+    def _cpu(pid: int | None) -> float | None:
+        s = bk.proc_sample(pid) if pid else None
+        return round(s["cpu"], 2) if s else None
+
+    def rotation_lifetime(self) -> float:
+        if self.args.lifetime:
+            return float(self.args.lifetime)
+        if not self.on("rotation"):
+            return LONG_LIFETIME
+        # Refreshes begin at ~0.637 L (2/3 minus up to 10 % of the renewal window): L must leave
+        # the first issue of all N done by then. The bare loop's time is the estimate; the
+        # operator may take up to ~2x it (3.2x + 20 s leaves the first refresh at ~2x + 13 s).
+        base = (self.r.get("bare") or {}).get("total_s") or self.n * 0.02
+        return float(min(1200, max(30, round(3.2 * base + 20))))
+
+    # -- the operator's phases ---------------------------------------------------------------------
+
+    def operator_phases(self) -> None:
+        n, args = self.n, self.args
+        cluster = bk.Cluster(self.workdir, "op", self.kubeconfig)
+        broker = bk.Broker(self.workdir, "op")
+        op: bk.Operator | None = None
+        try:
+            lifetime = self.rotation_lifetime()
+            broker.control(lifetime=LONG_LIFETIME)
+            warm = cluster.create_namespace("bench-warm")
+            clients, _ = cluster.create_client_secrets(warm, 1)
+            broker.add_clients(clients)
+            ns = cluster.create_namespace("bench-op")
+            clients, seed_s = cluster.create_client_secrets(ns, n)
+            broker.add_clients(clients)
+            log(f"N={n} operator run: client Secrets created in {seed_s:.2f}s; rotation lifetime {lifetime:.0f}s")
+
+            op = bk.Operator(cluster, broker, self.workdir / "operator-1.log")
+            # The operator is watching once a sentinel credential has become Ready.
+            cluster.create_credentials(warm, 1, broker.token_url)
+            sentinel = wait_ready(cluster, warm, 1, time.time(), 60)
+            if sentinel["timed_out"]:
+                raise RuntimeError(f"the operator did not start; see {op.log_path}")
+            startup_sample = op.watch.sample() or {}
+            time.sleep(1.0)
+
+            # -- ready ------------------------------------------------------------------------------
+            broker.control(lifetime=lifetime)
+            cluster.reset_request_counts()
+            counts0 = cluster.request_counts()
+            t0 = time.time()
+            create_s = cluster.create_credentials(ns, n, broker.token_url)
+            ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.08))
+            t_ready = time.time()
+            broker.control(lifetime=LONG_LIFETIME)  # tokens issued from now on are not due for an hour
+            counts1 = cluster.request_counts()
+            issue = broker.summary(prefix=ns)
+            sample = op.watch.sample() or {}
+            ready_api = api_delta(counts0, counts1)
+            self.r["ready"] = {
+                "create_s": round(create_s, 2),
+                **{k: v for k, v in ready.items() if k != "poll_interval"},
+                "seconds": ready["t100"],
+                "poll_interval_s": ready["poll_interval"],
+                "operator_cpu_s": round(sample.get("cpu", 0) - startup_sample.get("cpu", 0), 2),
+                "operator_rss_mib": mib(sample.get("VmRSS", 0)),
+                "operator_peak_rss_mib": mib(sample.get("VmHWM", 0)),
+                "operator_rss_before_mib": mib(startup_sample.get("VmRSS", 0)),
+                "token_requests_per_credential": issue["clients"],
+                "token_requests": issue["count"],
+                "api_requests": ready_api,
+                "api_requests_per_credential": per(ready_api, n),
+                "emulator_cpu_s": self._cpu(cluster.pid),
+                "lists": self._lists(cluster),
+            }
+            log(
+                f"N={n} ready: {ready['t100']}s (50% {ready['t50']}s, 90% {ready['t90']}s), "
+                f"operator CPU {self.r['ready']['operator_cpu_s']}s, RSS {mib(sample.get('VmRSS', 0))} MiB"
+            )
+            if ready["timed_out"]:
+                raise RuntimeError(f"only {ready['ready']} of {n} credentials became Ready")
+
+            # -- rotation ---------------------------------------------------------------------------
+            if self.on("rotation"):
+                self.rotation(cluster, broker, op, ns, t0, t_ready, lifetime)
+
+            # -- idle -------------------------------------------------------------------------------
+            if self.on("idle"):
+                time.sleep(5.0)
+                before_req = broker.summary()["count"]
+                c0 = cluster.request_counts()
+                cluster.reset_gets()
+                i0 = time.time()
+                time.sleep(args.idle_seconds)
+                i1 = time.time()
+                w = op.watch.window(i0, i1)
+                idle_api = api_delta(c0, cluster.request_counts())
+                self.r["idle"] = {
+                    "seconds": round(i1 - i0, 1),
+                    "cpu_s": round(w["cpu_seconds"], 3),
+                    "cpu_pct_of_core": round(100.0 * w["cpu_seconds"] / (i1 - i0), 2),
+                    "token_requests": broker.summary()["count"] - before_req,
+                    "api_requests": idle_api,
+                    "lists": self._lists(cluster),
+                    "rss_mib": mib(w["rss_end_kib"]),
+                }
+                log(f"N={n} idle: {self.r['idle']['cpu_pct_of_core']}% of a core over {args.idle_seconds:.0f}s")
+
+            final = op.stop()
+            self.r["operator_run"] = {
+                "cpu_s": round(final.get("cpu", 0), 2),
+                "peak_rss_mib": mib(final.get("VmHWM", 0)),
+                "rss_end_mib": mib(final.get("VmRSS", 0)),
+                "threads_end": final.get("threads"),
+                "wall_s": round(time.time() - op.started, 1),
+            }
+            op = None
+
+            # -- restart ----------------------------------------------------------------------------
+            if self.on("restart"):
+                self.restart(cluster, broker, ns)
+            if self.on("bad") or self.on("dedup"):
+                # A third operator at WARNING (the restart phase's one logs at DEBUG).
+                before = broker.summary(prefix=ns)["count"]
+                op = bk.Operator(cluster, broker, self.workdir / "operator-3.log")
+                t3 = time.time()
+                cluster.create_credential(warm, "sentinel-3", "cs-00000", broker.token_url)
+                if wait_ready(cluster, warm, 2, t3, max(120.0, n * 0.05))["timed_out"]:
+                    raise RuntimeError(f"the third operator did not start; see {op.log_path}")
+                time.sleep(3.0)
+                self.r["restart_3"] = {
+                    "token_requests_for_held_credentials": broker.summary(prefix=ns)["count"] - before,
+                    "sentinel_ready_after_s": round(time.time() - 3.0 - t3, 1),
+                }
+
+            if op is not None and self.on("dedup"):
+                self.dedup(cluster, broker, op)
+            if op is not None and self.on("bad"):
+                self.bad(cluster, broker, op)
+            if op is not None:
+                final = op.stop()
+                self.r["operator_run_2"] = {
+                    "cpu_s": round(final.get("cpu", 0), 2),
+                    "peak_rss_mib": mib(final.get("VmHWM", 0)),
+                    "threads_end": final.get("threads"),
+                }
+                op = None
+            for name in ("operator-1.log", "operator-2.log", "operator-3.log"):
+                text = (self.workdir / name).read_text(errors="replace") if (self.workdir / name).exists() else ""
+                self.r.setdefault("operator_log_lines", {})[name] = {
+                    "warnings": text.count(" WARNING "),
+                    "errors": text.count(" ERROR "),
+                    "tracebacks": text.count("Traceback"),
+                }
+        finally:
+            if op is not None:
+                op.stop()
+            broker.stop()
+            cluster.cleanup()
+            cluster.stop()
+
+    @staticmethod
+    def _lists(cluster: bk.Cluster) -> dict[str, int] | None:
+        return bk.http_json("GET", cluster.url + "/_bench/lists") if cluster.emulated else None
+
+    def rotation(
+        self,
+        cluster: bk.Cluster,
+        broker: bk.Broker,
+        op: bk.Operator,
+        ns: str,
+        t0: float,
+        t_ready: float,
+        lifetime: float,
+    ) -> None:
+        n = self.n
+        c0 = cluster.request_counts()
+        deadline = t_ready + lifetime + 120 + (t_ready - t0)
+        refreshed = 0
+        while time.time() < deadline:
+            hist = broker.summary(prefix=ns)["clients"]
+            refreshed = sum(v for k, v in hist.items() if int(k) >= 2)
+            if refreshed >= n:
+                break
+            time.sleep(1.0 if n > 1000 else 0.5)
+        time.sleep(3.0)  # the passes that made the last requests write their Secrets and status
+        c1 = cluster.request_counts()
+        rows = broker.times(since=t0 - 1)
+        by_client: dict[str, list[float]] = {}
+        for t, cid, status in rows:
+            if cid and cid.startswith(ns + "-") and status == 200:
+                by_client.setdefault(cid, []).append(t)
+        issues = [min(ts) for ts in by_client.values()]
+        refreshes = [sorted(ts)[1] for ts in by_client.values() if len(ts) >= 2]
+        hist = broker.summary(prefix=ns)["clients"]
+        first_refresh = min(refreshes) if refreshes else None
+        last_refresh = max(refreshes) if refreshes else None
+        cpu_refresh = None
+        if refreshes:
+            w = op.watch.window(first_refresh - 0.5, last_refresh + 1.5)  # type: ignore[operator]
+            cpu_refresh = w["cpu_seconds"]
+        rot_api = api_delta(c0, c1)
+        self.r["rotation"] = {
+            "lifetime_s": lifetime,
+            "refreshed": refreshed,
+            "timed_out": refreshed < n,
+            "token_requests_per_credential_after_cycle": hist,
+            "overlap_with_first_issue": bool(refreshes and issues and min(refreshes) < max(issues)),
+            "first_refresh_after_ready_s": round(first_refresh - t_ready, 1) if first_refresh else None,
+            "cpu_s": round(cpu_refresh, 2) if cpu_refresh is not None else None,
+            "cpu_ms_per_refresh": round(1000.0 * cpu_refresh / len(refreshes), 2) if cpu_refresh else None,
+            "api_requests": rot_api,
+            "api_requests_per_refresh": per(rot_api, len(refreshes)),
+            "api_requests_total_per_refresh": round(sum(rot_api.values()) / len(refreshes), 2)
+            if rot_api and refreshes
+            else None,
+            "spread": spread_stats(refreshes),
+            "issue_window_s": round(max(issues) - min(issues), 2) if issues else None,
+            "lists": self._lists(cluster),
+        }
+        log(
+            f"N={n} rotation: {refreshed}/{n} refreshed, CPU/refresh "
+            f"{self.r['rotation']['cpu_ms_per_refresh']} ms, spread {self.r['rotation']['spread']}"
+        )
+
+    def restart(self, cluster: bk.Cluster, broker: bk.Broker, ns: str) -> None:
+        """A new operator (at DEBUG, for its per-credential "resumed:" lines) over N held credentials."""
+        n = self.n
+        cluster.reset_request_counts()
+        cluster.reset_gets()
+        c0 = cluster.request_counts()
+        before = broker.summary()["count"]
+        op = bk.Operator(cluster, broker, self.workdir / "operator-2.log", level="DEBUG")
+        try:
+            resumed = LogCounter(op.log_path, f"{ns}/", ": resumed:")
+            confirmed = 0
+            t_confirm = None
+            deadline = time.time() + max(120.0, n * 0.05)
+            while time.time() < deadline:
+                confirmed = resumed.count()
+                if confirmed >= n:
+                    t_confirm = time.time() - op.started
+                    break
+                time.sleep(0.25 if n <= 1000 else 0.5)
+            time.sleep(5.0)  # anything the restarted operator does after looking
+            after = broker.summary()["count"]
+            api = api_delta(c0, cluster.request_counts())
+            sample = op.watch.sample() or {}
+            self.r["restart"] = {
+                "confirmed": confirmed,
+                "seconds_to_confirm_all": round(t_confirm, 2) if t_confirm is not None else None,
+                "token_requests": after - before,
+                "api_requests": api,
+                "api_writes": writes(api),
+                "target_secret_gets": cluster.distinct_gets(ns) if cluster.emulated else None,
+                "operator_cpu_s": round(sample.get("cpu", 0), 2),
+                "operator_rss_mib": mib(sample.get("VmRSS", 0)),
+                "how": "per-credential DEBUG 'resumed:' lines of the restarted operator (logging at DEBUG)",
+            }
+        finally:
+            op.stop()
+        log(
+            f"N={n} restart: {confirmed}/{n} confirmed in {self.r['restart']['seconds_to_confirm_all']}s "
+            f"(from process start), token requests {after - before}, API writes {writes(api)}"
+        )
+
+    def dedup(self, cluster: bk.Cluster, broker: bk.Broker, op: bk.Operator) -> None:
+        n = min(self.n, self.args.dedup_max)
+        ns = cluster.create_namespace("bench-dedup")
+        clients, _ = cluster.create_client_secrets(ns, 1)  # cs-00000, client <ns>-00000
+        broker.add_clients(clients)
+        bodies_spec = {"clientSecretRef": {"name": "cs-00000"}, "tokenURL": broker.token_url}
+        before = broker.summary(prefix=ns)["count"]
+        t0 = time.time()
+        bodies = [
+            {
+                "apiVersion": f"{bk.GROUP}/{bk.VERSION}",
+                "kind": "AutoTekCredential",
+                "metadata": {"name": f"c-{i:05d}", "namespace": ns},
+                "spec": bodies_spec,
+            }
+            for i in range(n)
+        ]
+        cluster._create_many(ns, f"{bk.GROUP}/{bk.VERSION}/{bk.PLURAL}", bodies)
+        ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.08))
+        time.sleep(2.0)
+        made = broker.summary(prefix=ns)["count"] - before
+        self.r["dedup"] = {
+            "credentials": n,
+            "token_requests": made,
+            "token_requests_per_credential": round(made / n, 4),
+            "seconds_to_ready": ready["t100"],
+        }
+        log(f"N={n} dedup (one client): {made} token requests for {n} credentials, ready in {ready['t100']}s")
+
+    def bad(self, cluster: bk.Cluster, broker: bk.Broker, op: bk.Operator) -> None:
+        n, seconds = self.n, self.args.bad_seconds
+        ns = cluster.create_namespace("bench-bad")
+        clients, _ = cluster.create_client_secrets(ns, n)
+        broker.add_clients(clients)
+        broker.control(fail={"status": 503, "json": {"error": "temporarily_unavailable"}})
+        time.sleep(1.0)
+        broker.reset()
+        c0 = cluster.request_counts()
+        start_sample = op.watch.sample() or {}
+        t0 = time.time()
+        create_s = cluster.create_credentials(ns, n, broker.token_url)
+        per_second: list[int] = []
+        last = 0
+        while time.time() < t0 + seconds:
+            time.sleep(1.0)
+            count = broker.summary()["count"]
+            per_second.append(count - last)
+            last = count
+        t1 = time.time()
+        summary = broker.summary(prefix=ns)
+        rows = broker.times(since=t0 - 1)
+        broker.control(fail=None)
+        attempts: dict[str, int] = {}
+        for _, cid, _ in rows:
+            if cid and cid.startswith(ns + "-"):
+                attempts[cid] = attempts.get(cid, 0) + 1
+        w = op.watch.window(t0, t1)
+        api = api_delta(c0, cluster.request_counts())
+        total = summary["count"]
+        self.r["bad"] = {
+            "seconds": round(t1 - t0, 1),
+            "create_s": round(create_s, 2),
+            "token_requests": total,
+            "requests_per_s": round(total / (t1 - t0), 1),
+            "peak_requests_per_s": max(per_second) if per_second else 0,
+            "requests_per_s_series": per_second,
+            "credentials_tried": len(attempts),
+            "max_attempts_per_credential": max(attempts.values()) if attempts else 0,
+            "max_concurrency": summary["max_concurrency"],
+            "max_concurrent_setting": MAX_CONCURRENT_TOKEN_REQUESTS,
+            "by_status": summary["by_status"],
+            "operator_rss_start_mib": mib(start_sample.get("VmRSS", 0)),
+            "operator_rss_max_mib": mib(w["rss_max_kib"]),
+            "operator_rss_end_mib": mib(w["rss_end_kib"]),
+            "operator_threads_max": w["threads_max"],
+            "operator_cpu_pct_of_core": round(100.0 * w["cpu_seconds"] / (t1 - t0), 1),
+            "api_requests": api,
+            "api_requests_per_failed_attempt": per(api, total),
+        }
+        log(
+            f"N={n} bad input: {self.r['bad']['requests_per_s']} req/s (peak {self.r['bad']['peak_requests_per_s']}), "
+            f"max concurrency {summary['max_concurrency']}, RSS max {mib(w['rss_max_kib'])} MiB, "
+            f"threads max {w['threads_max']}"
+        )
+
+    # -- profile ------------------------------------------------------------------------------------
+
+    def profile(self) -> None:
+        n = self.n
+        pyspy = shutil.which("py-spy") or (
+            str(Path(sys.executable).parent / "py-spy") if (Path(sys.executable).parent / "py-spy").exists() else None
+        )
+        cluster = bk.Cluster(self.workdir, "prof", self.kubeconfig)
+        broker = bk.Broker(self.workdir, "prof")
+        op: bk.Operator | None = None
+        spy: subprocess.Popen[bytes] | None = None
+        out: dict[str, Any] = {"py_spy": bool(pyspy)}
+        try:
+            broker.control(lifetime=LONG_LIFETIME)
+            warm = cluster.create_namespace("bench-warm")
+            clients, _ = cluster.create_client_secrets(warm, 1)
+            broker.add_clients(clients)
+            ns = cluster.create_namespace("bench-prof")
+            clients, _ = cluster.create_client_secrets(ns, n)
+            broker.add_clients(clients)
+            census_out = self.workdir / "census.json"
+            op = bk.Operator(
+                cluster,
+                broker,
+                self.workdir / "operator-prof.log",
+                wrapper=[str(bk.BENCH / "opwrapper.py")],
+                extra_env={
+                    "BENCH_CENSUS_OUT": str(census_out),
+                    **({"BENCH_TRACEMALLOC": "1"} if self.args.tracemalloc else {}),
+                },
+            )
+            cluster.create_credentials(warm, 1, broker.token_url)
+            if wait_ready(cluster, warm, 1, time.time(), 60)["timed_out"]:
+                raise RuntimeError(f"the operator did not start; see {op.log_path}")
+            raw = self.workdir / "pyspy.raw"
+            if pyspy:
+                spy = subprocess.Popen(  # noqa: S603 - our own command line
+                    [
+                        pyspy,
+                        "record",
+                        "--pid",
+                        str(op.pid),
+                        "--rate",
+                        "100",
+                        "--gil",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(raw),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(self.workdir / "pyspy.log", "w"),
+                )
+                bk.CHILDREN.append(spy)
+                time.sleep(1.0)
+            s0 = op.watch.sample() or {}
+            t0 = time.time()
+            cluster.create_credentials(ns, n, broker.token_url)
+            ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.1))
+            s1 = op.watch.sample() or {}
+            out.update(
+                {
+                    "seconds_to_ready": ready["t100"],
+                    "operator_cpu_s": round(s1.get("cpu", 0) - s0.get("cpu", 0), 2),
+                    "peak_rss_mib": mib(s1.get("VmHWM", 0)),
+                    "tracemalloc": bool(self.args.tracemalloc),
+                }
+            )
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(60)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                bk.CHILDREN.remove(spy)
+                spy = None
+                if raw.exists():
+                    out["py_spy_summary"] = profiling.summarise(raw)
+                    out["py_spy_raw"] = str(raw)
+            time.sleep(3.0)
+            os.kill(op.pid, signal.SIGUSR1)
+            deadline = time.time() + 180
+            while time.time() < deadline and not census_out.exists():
+                time.sleep(0.5)
+            if census_out.exists():
+                out["census"] = json.loads(census_out.read_text())
+                out["census"]["rss_mib"] = mib((op.watch.sample() or {}).get("VmRSS", 0))
+            log(
+                f"N={n} profile: ready in {ready['t100']}s under py-spy"
+                f"{' and tracemalloc' if self.args.tracemalloc else ''}; "
+                f"census {'ok' if 'census' in out else 'missing'}"
+            )
+        finally:
+            if spy is not None:
+                bk.stop_process(spy, signal.SIGINT)
+            if op is not None:
+                op.stop()
+            broker.stop()
+            cluster.cleanup()
+            cluster.stop()
+        self.r["profile"] = out
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        if self.on("bare"):
+            self.bare()
+        if self.phases & {"ready", "rotation", "idle", "restart", "dedup", "bad"}:
+            self.operator_phases()
+        bare, ready = self.r.get("bare"), self.r.get("ready")
+        if bare and ready and ready.get("seconds"):
+            self.r["ratio_operator_to_bare"] = round(ready["seconds"] / bare["total_s"], 2)
+        if self.largest and self.on("profile"):
+            self.profile()
+        self.r["wall_s"] = round(time.time() - started, 1)
+        return self.r
+
+
+# -- the code under test ---------------------------------------------------------------------------
+
+
+def code_identity(src: Path) -> dict[str, Any]:
+    """Git commit, whether operator/ differs from it, and a digest of the package's files."""
+    pkg = src / "autotek_operator"
+    digest = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        digest.update(str(f.relative_to(pkg)).encode() + b"\0" + f.read_bytes() + b"\0")
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=bk.ROOT, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: S603, S607
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "git_head": git("rev-parse", "--short", "HEAD"),
+        "operator_dir_modified": bool(git("status", "--porcelain", "--", "operator")),
+        "sha256": digest.hexdigest()[:16],
+        "path": str(src),
+    }
+
+
+def snapshot_code(workdir: Path) -> dict[str, Any]:
+    """Copy operator/autotek_operator into the work directory and make every child import it from there."""
+    src = workdir / "src"
+    shutil.copytree(
+        bk.ROOT / "operator" / "autotek_operator",
+        src / "autotek_operator",
+        ignore=shutil.ignore_patterns("__pycache__"),
+        dirs_exist_ok=True,
+    )
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH", "")]))
+    ident = code_identity(src)
+    live = code_identity(bk.ROOT / "operator")
+    ident["git_head"], ident["operator_dir_modified"] = live["git_head"], live["operator_dir_modified"]
+    ident["snapshot"] = True
+    return ident
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def g(d: dict[str, Any] | None, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return " ".join(f"{k}:{x}" for k, x in v.items())
+    return str(v)
+
+
+ROWS: list[tuple[str, Any]] = [
+    ("credentials created (s)", lambda r: g(r, "ready", "create_s")),
+    ("time to all Ready, operator (s)", lambda r: g(r, "ready", "seconds")),
+    ("  50% / 90% Ready (s)", lambda r: f"{fmt(g(r, 'ready', 't50'))} / {fmt(g(r, 'ready', 't90'))}"),
+    ("bare loop: create + loop (s)", lambda r: f"{fmt(g(r, 'bare', 'create_s'))} + {fmt(g(r, 'bare', 'loop_s'))}"),
+    ("ratio operator / bare loop", lambda r: g(r, "ratio_operator_to_bare")),
+    ("operator CPU in ready phase (s)", lambda r: g(r, "ready", "operator_cpu_s")),
+    ("bare loop CPU (s)", lambda r: g(r, "bare", "cpu_s")),
+    ("operator peak RSS, whole run (MiB)", lambda r: g(r, "operator_run", "peak_rss_mib")),
+    ("operator RSS after ready (MiB)", lambda r: g(r, "ready", "operator_rss_mib")),
+    ("operator CPU, whole run (s)", lambda r: g(r, "operator_run", "cpu_s")),
+    ("rotation lifetime L (s)", lambda r: g(r, "rotation", "lifetime_s")),
+    ("CPU per refresh (ms)", lambda r: g(r, "rotation", "cpu_ms_per_refresh")),
+    ("API requests per refresh", lambda r: g(r, "rotation", "api_requests_total_per_refresh")),
+    ("idle CPU, % of one core", lambda r: g(r, "idle", "cpu_pct_of_core")),
+    ("token req/credential at issue {n: creds}", lambda r: g(r, "ready", "token_requests_per_credential")),
+    ("token req/credential after 1 cycle", lambda r: g(r, "rotation", "token_requests_per_credential_after_cycle")),
+    ("refresh window (s)", lambda r: g(r, "rotation", "spread", "window_s")),
+    ("max share in a 1% slice (%)", lambda r: g(r, "rotation", "spread", "max_1pct_share_pct")),
+    ("  same for uniform random (%)", lambda r: g(r, "rotation", "spread", "uniform_random_reference_pct")),
+    (
+        "restart: token requests (2nd / 3rd start)",
+        lambda r: (
+            f"{fmt(g(r, 'restart', 'token_requests'))} / "
+            f"{fmt(g(r, 'restart_3', 'token_requests_for_held_credentials'))}"
+        ),
+    ),
+    ("restart: all confirmed after (s)", lambda r: g(r, "restart", "seconds_to_confirm_all")),
+    ("restart: API writes", lambda r: g(r, "restart", "api_writes")),
+    ("dedup: token req/credential, 1 client", lambda r: g(r, "dedup", "token_requests_per_credential")),
+    (
+        "bad: token requests/s (peak)",
+        lambda r: f"{fmt(g(r, 'bad', 'requests_per_s'))} ({fmt(g(r, 'bad', 'peak_requests_per_s'))})",
+    ),
+    (
+        "bad: max concurrency (limit)",
+        lambda r: f"{fmt(g(r, 'bad', 'max_concurrency'))} ({fmt(g(r, 'bad', 'max_concurrent_setting'))})",
+    ),
+    ("bad: max attempts per credential", lambda r: g(r, "bad", "max_attempts_per_credential")),
+    ("bad: operator RSS max (MiB)", lambda r: g(r, "bad", "operator_rss_max_mib")),
+    ("bad: operator threads max", lambda r: g(r, "bad", "operator_threads_max")),
+]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    header = ["N", *[str(r["n"]) for r in results]]
+    rows = [[label, *[fmt(fn(r)) for r in results]] for label, fn in ROWS]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rss_slope(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    pts = [(r["n"], g(r, "ready", "operator_rss_mib")) for r in results if g(r, "ready", "operator_rss_mib")]
+    pts += []
+    if len(pts) < 2:
+        return None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs)
+    peaks = [(r["n"], g(r, "operator_run", "peak_rss_mib")) for r in results if g(r, "operator_run", "peak_rss_mib")]
+    out = {"points_mib": pts, "kib_per_credential": round(slope * 1024, 1), "intercept_mib": round(my - slope * mx, 1)}
+    if len(peaks) >= 2:
+        pmx = sum(p[0] for p in peaks) / len(peaks)
+        pmy = sum(p[1] for p in peaks) / len(peaks)
+        ps = sum((x - pmx) * (y - pmy) for x, y in peaks) / sum((x - pmx) ** 2 for x, _ in peaks)
+        out["peak_kib_per_credential"] = round(ps * 1024, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Scale and speed benchmark of the real operator process.",
+        epilog="phases: " + ", ".join(PHASES) + ". Env AUTOTEK_BENCH_KUBECONFIG: run against that cluster "
+        "(the CRD is applied, throwaway namespaces are used) instead of the emulator.",
+    )
+    parser.add_argument("--n", default=None, help="comma-separated N list (default 100,1000,10000)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=50,200, short phases (~3 min)")
+    parser.add_argument("--only", default=",".join(PHASES), help="comma-separated phases to run (default all)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"), help="JSON output")
+    parser.add_argument("--idle-seconds", type=float, default=None, help="idle phase length (default 60, quick 10)")
+    parser.add_argument("--bad-seconds", type=float, default=None, help="bad-input phase length (default 60, quick 15)")
+    parser.add_argument(
+        "--lifetime",
+        type=float,
+        default=None,
+        help="token lifetime for the rotation phase (default: from the bare loop's time, 3.2x + 20 s, at least 30 s)",
+    )
+    parser.add_argument("--dedup-max", type=int, default=1000, help="credentials in the dedup phase: min(N, this)")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="profile phase with tracemalloc too (3-4x slower operator; off by default)",
+    )
+    parser.add_argument("--workdir", default=None, help="where logs go (default: a new directory under /tmp)")
+    parser.add_argument(
+        "--no-snapshot",
+        dest="snapshot",
+        action="store_false",
+        help="run the operator from the live work tree (default: from a copy taken at the start, so that "
+        "edits made while the benchmark runs do not mix two versions into one result)",
+    )
+    args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = "50,200" if args.quick else "100,1000,10000"
+    ns_list = [int(x) for x in args.n.split(",") if x.strip()]
+    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(args.only) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    args.idle_seconds = args.idle_seconds or (10.0 if args.quick else 60.0)
+    args.bad_seconds = args.bad_seconds or (15.0 if args.quick else 60.0)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="autotek-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    code = snapshot_code(workdir) if args.snapshot else code_identity(bk.ROOT / "operator")
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    command = "python bench/bench.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    )
+    doc: dict[str, Any] = {
+        "command": command,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": bk.machine_info(),
+        "api_server": "real cluster (AUTOTEK_BENCH_KUBECONFIG)"
+        if os.environ.get("AUTOTEK_BENCH_KUBECONFIG")
+        else "emulator (bench/emulator_runner.py, own process)",
+        "load_start": bk.loadavg(),
+        "settings": {
+            "workers": WORKERS,
+            "max_concurrent_token_requests": MAX_CONCURRENT_TOKEN_REQUESTS,
+            "idle_seconds": args.idle_seconds,
+            "bad_seconds": args.bad_seconds,
+            "phases": args.only,
+            "tracemalloc_in_profile": args.tracemalloc,
+        },
+        "workdir": str(workdir),
+        "operator_code": code,
+        "results": [],
+    }
+    log(f"{command}; logs in {workdir}; machine {doc['machine']}; load {doc['load_start']}")
+    status = 0
+    try:
+        for n in ns_list:
+            doc["results"].append(Run(args, n, workdir, largest=n == max(ns_list)).run())
+    except KeyboardInterrupt:
+        log("interrupted")
+        status = 130
+    except Exception as exc:  # noqa: BLE001 - report what was measured so far
+        log(f"failed: {type(exc).__name__}: {exc}")
+        doc["error"] = f"{type(exc).__name__}: {exc}"
+        status = 1
+    finally:
+        bk.stop_all_children()
+    doc["load_end"] = bk.loadavg()
+    doc["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    doc["memory_slope"] = rss_slope(doc["results"])
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    m = doc["machine"]
+    print()
+    print(f"command: {command}")
+    print(
+        f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}; "
+        f"API server: {doc['api_server']}"
+    )
+    print(f"load average: start {doc['load_start']}, end {doc['load_end']}")
+    oc = doc["operator_code"]
+    print(
+        f"operator code: {oc['git_head']}{' + local changes' if oc['operator_dir_modified'] else ''} "
+        f"(sha256 {oc['sha256']}{', run from a copy taken at the start' if oc.get('snapshot') else ''})"
+    )
+    print(table(doc["results"]))
+    if doc["memory_slope"]:
+        print(
+            f"RSS after ready vs N: {doc['memory_slope']['kib_per_credential']} KiB per credential "
+            f"(intercept {doc['memory_slope']['intercept_mib']} MiB)"
+        )
+    prof = next((r["profile"] for r in doc["results"] if "profile" in r), None)
+    if prof and prof.get("py_spy_summary"):
+        print(
+            f"profile (N={doc['results'][-1]['n']}, py-spy --gil, "
+            f"{prof['py_spy_summary']['samples']} samples): self time by package:"
+        )
+        for row in prof["py_spy_summary"]["by_package_self"][:12]:
+            print(f"  {row['pct']:5.1f}%  {row['function']}")
+    print(f"JSON: {args.out}; logs: {workdir}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
