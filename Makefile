@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check --no-cache operator tests
+	$(BIN)/ruff check --no-cache operator tests bench
 	$(BIN)/ruff format --no-cache --check operator/autotek_operator
 
 typecheck: $(STAMP)
