@@ -17,7 +17,7 @@ from . import constants as c
 from . import errors, metrics, scheduling
 from .kube import Conflict, Kube
 from .spec import CREATION_MERGE, DELETION_DELETE, CredentialSpec, parse_spec
-from .status import Readiness, fmt, ready_condition, status_patch
+from .status import Readiness, find_condition, fmt, ready_condition, status_patch
 from .target import (
     HeldToken,
     Owner,
@@ -112,7 +112,7 @@ class CredentialState:
         return f"{self.namespace}/{self.name}"
 
     def status_has(self, condition: str) -> bool:
-        return any(x.get("type") == condition for x in self.status.get("conditions") or ())
+        return find_condition(self.status.get("conditions"), condition) is not None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> CredentialState:
@@ -524,9 +524,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     elif error is not None:
         readiness = Readiness(False, error.reason, error.message)
     elif deferred and st.last_failure_reason:
-        previous: Mapping[str, Any] = next(
-            (x for x in st.status.get("conditions") or () if x.get("type") == c.CONDITION_READY), {}
-        )
+        previous = find_condition(st.status.get("conditions"), c.CONDITION_READY) or {}
         readiness = Readiness(False, st.last_failure_reason, str(previous.get("message", "")))
     else:
         readiness = Readiness(False, c.REASON_PENDING, "waiting for the first token")
@@ -576,7 +574,7 @@ def _conditions(
     wants_restart = spec.rollout_restart_targets if spec is not None else st.status_has(c.CONDITION_ROLLOUT)
     if wants_restart:
         if restart is None:
-            kept = next((x for x in previous if x.get("type") == c.CONDITION_ROLLOUT), None)
+            kept = find_condition(previous, c.CONDITION_ROLLOUT)
             if kept is not None:
                 conditions.append(dict(kept))
                 return conditions

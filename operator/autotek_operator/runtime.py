@@ -21,6 +21,7 @@ from typing import Any
 from . import constants as c
 from . import metrics
 from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
+from .status import find_condition
 from .target import trim_secret
 
 log = logging.getLogger("autotek_operator")
@@ -351,10 +352,8 @@ class Runtime:
 
 
 def _observe(st: CredentialState) -> None:
-    ready = "Unknown"
-    for cond in st.status.get("conditions") or ():
-        if cond.get("type") == "Ready":
-            ready = str(cond.get("status", "Unknown"))
+    cond = find_condition(st.status.get("conditions"), c.CONDITION_READY)
+    ready = str(cond.get("status", "Unknown")) if cond is not None else "Unknown"
     metrics.observe_credential(
         st.namespace,
         st.name,

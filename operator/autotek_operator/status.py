@@ -18,6 +18,14 @@ class Readiness:
     message: str
 
 
+def find_condition(conditions: Sequence[Mapping[str, Any]] | None, kind: str) -> Mapping[str, Any] | None:
+    """The condition of type ``kind`` in a status's conditions, if there is one."""
+    for cond in conditions or ():
+        if isinstance(cond, Mapping) and cond.get("type") == kind:
+            return cond
+    return None
+
+
 def ready_condition(
     previous: Sequence[Mapping[str, Any]] | None,
     readiness: Readiness,
@@ -29,11 +37,9 @@ def ready_condition(
     """A condition (Ready by default); lastTransitionTime moves only when the status flips."""
     status = "True" if readiness.ready else "False"
     last_transition = format_time(now)
-    for cond in previous or ():
-        if isinstance(cond, Mapping) and cond.get("type") == kind:
-            if cond.get("status") == status and cond.get("lastTransitionTime"):
-                last_transition = str(cond["lastTransitionTime"])
-            break
+    cond = find_condition(previous, kind)
+    if cond is not None and cond.get("status") == status and cond.get("lastTransitionTime"):
+        last_transition = str(cond["lastTransitionTime"])
     cond_out: dict[str, Any] = {
         "type": kind,
         "status": status,
