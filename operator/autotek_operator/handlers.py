@@ -1,8 +1,11 @@
 """The kopf layer, kept thin: watch events in, the runtime does the rest.
 
-Only ``@kopf.on.event`` handlers are used, so kopf adds no finalizers and writes nothing to the
-objects itself; the runtime posts status and Events explicitly. This is also the only place
-that reads the real clock and the random source.
+kopf watches the AutoTekCredentials. Only ``@kopf.on.event`` handlers are used, so kopf adds no
+finalizers and writes nothing to the objects itself; the runtime posts status and Events
+explicitly. Secrets are watched by ``watch.SecretWatch`` instead: every Secret in the watched
+namespaces comes through that watch, and kopf's per-object memory and per-event machinery would
+cost more than all the operator's own work. This is also the only place that reads the real
+clock and the random source.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes.client import CoreV1Api
 
 from . import constants as c
 from . import kube, metrics
@@ -25,17 +29,33 @@ from .leader import LeaderElector
 from .reconcile import Deps
 from .runtime import Runtime
 from .token_client import SharedTokens, TokenClient
+from .watch import SecretWatch
 
 log = logging.getLogger("autotek_operator")
 
-#: (group, version, plural) of every resource kopf lists and watches for us; the RBAC test
-#: grants list+watch for exactly these (plus the calls declared in kube.API_CALLS).
+#: (group, version, plural) of every resource listed and watched (credentials by kopf, Secrets by
+#: watch.SecretWatch); the RBAC test grants list+watch for exactly these (plus kube.API_CALLS).
 WATCHED = ((c.GROUP, c.VERSION, c.PLURAL), ("", "v1", "secrets"))
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no "last handled" state: with only ``on.event`` handlers kopf never diffs, but it
+    would still deep-copy every object on every event to build the diff base."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 class _Holder:
     settings: Settings = Settings()
     runtime: Runtime | None = None
+    secrets: SecretWatch | None = None
     elector: LeaderElector | None = None
     election: asyncio.Task[None] | None = None
 
@@ -60,6 +80,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False  # Events are posted by the runtime, one per outcome
     # The watched resources are fixed: no need to watch CRDs or namespaces (nor the RBAC for it).
     settings.scanning.disabled = True
+    settings.persistence.diffbase_storage = _NoDiffBase()
     api = kube.load_api_client(pool_size=s.workers + 4)
     tokens = TokenClient(
         allowed_prefixes=s.allowed_token_urls,
@@ -89,6 +110,19 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         )
         STATE.election = asyncio.create_task(_elect(STATE.elector, STATE.runtime), name="autotek-election")
     STATE.runtime.start()
+    scopes: tuple[str | None, ...] = tuple(s.namespaces) or (None,)
+    STATE.runtime.secret_scopes = set(scopes)
+    loop = asyncio.get_running_loop()
+    STATE.secrets = SecretWatch(
+        CoreV1Api(kube.load_api_client(pool_size=len(scopes))),
+        scopes,
+        deliver=loop.call_soon_threadsafe,
+        on_events=STATE.runtime.on_secret_events,
+        on_listed=STATE.runtime.on_secrets_listed,
+        timeout=s.watch_timeout,
+    )
+    STATE.secrets.start()
+    metrics.report_credentials(STATE.runtime.credential_samples)
     metrics.serve(s.metrics_port)
     log.info(
         "autotek-operator started: %s, token URLs allowed under %s",
@@ -124,6 +158,8 @@ async def _elect(elector: LeaderElector, runtime: Runtime) -> None:
 async def cleanup(**_: Any) -> None:
     if STATE.election is not None:
         STATE.election.cancel()
+    if STATE.secrets is not None:
+        await asyncio.to_thread(STATE.secrets.stop)
     if STATE.runtime is not None:
         await STATE.runtime.stop()
     if STATE.elector is not None and STATE.runtime is not None and STATE.runtime.active:
@@ -135,12 +171,6 @@ async def cleanup(**_: Any) -> None:
 async def credential_event(event: kopf.RawEvent, **_: Any) -> None:
     if STATE.runtime is not None:
         STATE.runtime.on_credential_event(event.get("type"), event["object"])
-
-
-@kopf.on.event(*WATCHED[1])
-async def secret_event(event: kopf.RawEvent, **_: Any) -> None:
-    if STATE.runtime is not None:
-        STATE.runtime.on_secret_event(event.get("type"), event["object"])
 
 
 @kopf.on.probe(id="credentials")

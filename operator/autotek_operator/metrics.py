@@ -6,23 +6,11 @@ set), never secrets or tokens.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from collections.abc import Callable, Iterable, Iterator
 
-TOKEN_EXPIRATION = Gauge(
-    "autotek_token_expiration_timestamp_seconds",
-    "When the token held for a credential expires (Unix time).",
-    ["namespace", "name"],
-)
-TOKEN_NEXT_REFRESH = Gauge(
-    "autotek_token_next_refresh_timestamp_seconds",
-    "When the operator next tries to refresh a credential's token (Unix time).",
-    ["namespace", "name"],
-)
-CREDENTIAL_READY = Gauge(
-    "autotek_credential_ready_status",
-    "The Ready condition of a credential: 1 for the condition value it has, 0 for the others.",
-    ["namespace", "name", "condition"],
-)
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
 TOKEN_REQUESTS = Counter(
     "autotek_token_requests_total",
     "Token requests made to token endpoints, by result (success or the failure reason).",
@@ -50,35 +38,65 @@ def observe_secret_write(operation: str) -> None:
     SECRET_WRITES.labels(operation=operation).inc()
 
 
-def observe_credential(
-    namespace: str, name: str, ready: str, expires_at: float | None, next_refresh: float | None
-) -> None:
-    """Record a credential's state after a pass."""
-    for value in CONDITIONS:
-        CREDENTIAL_READY.labels(namespace, name, value).set(1.0 if value == ready else 0.0)
-    if expires_at is not None:
-        TOKEN_EXPIRATION.labels(namespace, name).set(expires_at)
+#: (namespace, name, Ready condition value, expiry, next refresh) of each credential reported.
+CredentialSample = tuple[str, str, str, float | None, float | None]
+
+
+class CredentialCollector:
+    """The per-credential series, built at scrape time from the operator's state.
+
+    Nothing is stored per credential between scrapes (ten thousand credentials would otherwise
+    hold fifty thousand gauge children), and a deleted credential's series are gone with it."""
+
+    def __init__(self, source: Callable[[], Iterable[CredentialSample]]) -> None:
+        self.source = source
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "autotek_credential_ready_status",
+                "The Ready condition of a credential: 1 for the condition value it has, 0 for the others.",
+                labels=["namespace", "name", "condition"],
+            ),
+            GaugeMetricFamily(
+                "autotek_token_expiration_timestamp_seconds",
+                "When the token held for a credential expires (Unix time).",
+                labels=["namespace", "name"],
+            ),
+            GaugeMetricFamily(
+                "autotek_token_next_refresh_timestamp_seconds",
+                "When the operator next tries to refresh a credential's token (Unix time).",
+                labels=["namespace", "name"],
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        ready, expiration, next_refresh = self._families()
+        for namespace, name, condition, expires_at, refresh_at in self.source():
+            for value in CONDITIONS:
+                ready.add_metric([namespace, name, value], 1.0 if value == condition else 0.0)
+            if expires_at is not None:
+                expiration.add_metric([namespace, name], expires_at)
+            if refresh_at is not None:
+                next_refresh.add_metric([namespace, name], refresh_at)
+        yield from (ready, expiration, next_refresh)
+
+
+_collector: CredentialCollector | None = None
+
+
+def report_credentials(source: Callable[[], Iterable[CredentialSample]]) -> None:
+    """Export the per-credential series from ``source`` (called at each scrape; replaces any
+    previous source)."""
+    global _collector
+    if _collector is None:
+        _collector = CredentialCollector(source)
+        REGISTRY.register(_collector)
     else:
-        _remove(TOKEN_EXPIRATION, namespace, name)
-    if next_refresh is not None:
-        TOKEN_NEXT_REFRESH.labels(namespace, name).set(next_refresh)
-    else:
-        _remove(TOKEN_NEXT_REFRESH, namespace, name)
-
-
-def forget_credential(namespace: str, name: str) -> None:
-    """Drop a deleted credential's series."""
-    _remove(TOKEN_EXPIRATION, namespace, name)
-    _remove(TOKEN_NEXT_REFRESH, namespace, name)
-    for value in CONDITIONS:
-        _remove(CREDENTIAL_READY, namespace, name, value)
-
-
-def _remove(metric: Gauge, *labels: str) -> None:
-    try:
-        metric.remove(*labels)
-    except KeyError:
-        pass
+        _collector.source = source
 
 
 def serve(port: int) -> None:

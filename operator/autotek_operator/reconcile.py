@@ -206,6 +206,7 @@ def _read_client(st: CredentialState, spec: CredentialSpec, kube: Kube) -> Clien
     assert client_id is not None and client_secret is not None
     version = str((secret.get("metadata") or {}).get("resourceVersion", ""))
     st.client = ClientCredentials(version=version, client_id=client_id, client_secret=client_secret)
+    st.client_body = UNKNOWN  # the decoded credentials are all that is kept
     return st.client
 
 

@@ -55,6 +55,10 @@ class Runtime:
         self.refs: dict[Key, tuple[Key | None, Key]] = {}
         #: resourceVersion of every Secret seen on the watch (to spot changes made while down).
         self.secret_versions: dict[Key, str] = {}
+        #: Namespaces (None: all) whose Secrets have been listed completely at least once; once
+        #: every watched scope is, a Secret missing from ``secret_versions`` is known not to exist.
+        self.secret_scopes: set[str | None] = set()
+        self.listed_scopes: set[str | None] = set()
         self.inflight: set[Key] = set()
         self.pending: dict[Key, list[Change]] = {}
         #: Credentials deleted while their pass ran: clean up again once it has finished, since
@@ -105,10 +109,16 @@ class Runtime:
             log.info("leading: running passes for %d credentials", len(self.states))
         else:
             log.info("following: another replica runs the passes")
-            for key in self.states:
-                metrics.forget_credential(*key)  # the leader reports them; stale values would alert
         if self._wake is not None:
             self._wake.set()
+
+    def credential_samples(self) -> list[metrics.CredentialSample]:
+        """The per-credential metric values (called from the metrics server's thread). A
+        follower reports none: the leader does, and two sources would disagree."""
+        if not self.active:
+            return []
+        states = tuple(self.states.values())  # a copy taken without running Python code
+        return [_sample(st) for st in states if st.status or st.token is not None]
 
     def stats(self) -> dict[str, int]:
         return {
@@ -181,7 +191,6 @@ class Runtime:
                     await loop.run_in_executor(self._executor, cleanup_deleted, deleted, self.deps)
                 return  # deleted (or deleted and re-created) while the pass ran
             self.states[key] = result
-            _observe(result)
             rerun = False
             for change in self.pending.pop(key, []):
                 rerun = change(result) or rerun
@@ -267,6 +276,7 @@ class Runtime:
             self.states[key] = st
             self._index(key, spec)
             st.force_new = self._resume_reason(st)
+            st.target_body = self._known_target(key, spec)
             self.schedule(key)
             return
         self._index(key, spec)
@@ -278,7 +288,7 @@ class Runtime:
                 state.force_new = "the spec changed"
                 state.client = None
                 state.client_body = UNKNOWN  # the spec may name other Secrets now
-                state.target_body = UNKNOWN
+                state.target_body = self._known_target(key, spec)
                 return True
             if state.refresh_request != old_request and state.refresh_request:
                 state.force_new = "a refresh was requested"
@@ -286,6 +296,20 @@ class Runtime:
             return False
 
         self._change(key, change, "credential changed")
+
+    def _known_target(self, key: Key, spec: Mapping[str, Any]) -> Any:
+        """None when the target Secret is known not to exist (no GET needed), else UNKNOWN.
+
+        Only for creationPolicy Owner, whose create answers 409 if the watch was behind; Merge
+        reports a missing Secret as an error, so it reads the Secret to be sure."""
+        target = spec.get("target") if isinstance(spec, Mapping) else None
+        policy = target.get("creationPolicy") if isinstance(target, Mapping) else None
+        if policy not in (None, "Owner") or not self.secret_scopes or self.listed_scopes != self.secret_scopes:
+            return UNKNOWN
+        refs = self.refs.get(key)
+        if refs is None or refs[1] in self.secret_versions:
+            return UNKNOWN
+        return None
 
     def _resume_reason(self, st: CredentialState) -> str | None:
         """Why a credential seen for the first time (new, or after a restart) needs a token now."""
@@ -302,11 +326,21 @@ class Runtime:
         return None
 
     def _forget(self, key: Key) -> None:
-        if self.states.pop(key, None) is not None:
-            metrics.forget_credential(*key)
+        self.states.pop(key, None)
         self._due.pop(key, None)
         self.pending.pop(key, None)
         self._unindex(key)
+
+    def on_secret_events(self, batch: list[tuple[str | None, dict[str, Any]]]) -> None:
+        for event_type, body in batch:
+            self.on_secret_event(event_type, body)
+
+    def on_secrets_listed(self, namespace: str | None, keys: set[Key]) -> None:
+        """A complete list of the Secrets in ``namespace`` (None: all): those it lacks are gone."""
+        gone = [k for k in self.secret_versions if (namespace is None or k[0] == namespace) and k not in keys]
+        for skey in gone:
+            self.on_secret_event("DELETED", {"metadata": {"namespace": skey[0], "name": skey[1]}})
+        self.listed_scopes.add(namespace)
 
     def on_secret_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -328,6 +362,8 @@ class Runtime:
                     st.client_body = None
                     return False
                 known = st.client.version if st.client is not None else st.issued_client_version
+                if version == known and st.client is not None:
+                    return False  # already read (the pass keeps only the decoded credentials)
                 st.client_body = trim_secret(body)
                 if version == known:
                     return False
@@ -351,10 +387,10 @@ class Runtime:
             self._change(key, target_change, f"target Secret {event_type or 'listed'}")
 
 
-def _observe(st: CredentialState) -> None:
+def _sample(st: CredentialState) -> metrics.CredentialSample:
     cond = find_condition(st.status.get("conditions"), c.CONDITION_READY)
     ready = str(cond.get("status", "Unknown")) if cond is not None else "Unknown"
-    metrics.observe_credential(
+    return (
         st.namespace,
         st.name,
         ready,

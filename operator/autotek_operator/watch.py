@@ -1,0 +1,206 @@
+"""Secrets are listed and watched here, not through kopf.
+
+Every Secret in the watched namespaces comes through this watch, though only the few that
+credentials name matter. kopf would keep a per-object memory for each of them and run its
+per-event handler machinery for each event; here one thread per namespace (one for the whole
+cluster) lists the Secrets page by page, then watches from the list's resourceVersion, parses
+each event with ``json`` and hands the events to the runtime in batches, on the event loop.
+
+Like an informer: a 410 (the resourceVersion is too old) or a failed resume leads to a new
+list, after which Secrets missing from it are reported as deleted; a dropped stream resumes
+from the last resourceVersion seen; errors back off from 1 s to 30 s, never in a hot loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import urllib3
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("autotek_operator")
+
+Key = tuple[str, str]
+#: (event type or None for a listed object, the Secret as the API sent it)
+Batch = list[tuple[str | None, dict[str, Any]]]
+
+PAGE_SIZE = 500
+RETRY_MIN, RETRY_MAX = 1.0, 30.0
+CONNECT_TIMEOUT = 10.0
+
+
+class _Expired(Exception):
+    """410 Gone: the resourceVersion to resume from is too old; list again."""
+
+
+class SecretWatch:
+    """Lists, then watches Secrets in each namespace (``None``: the whole cluster).
+
+    ``on_events(batch)`` gets each batch of events in order; ``on_listed(namespace, keys)`` comes
+    after each complete list with the keys it held. Both are called through ``deliver`` (the
+    event loop's ``call_soon_threadsafe``), so they run on the loop, never concurrently."""
+
+    def __init__(
+        self,
+        core: CoreV1Api,
+        namespaces: Sequence[str | None],
+        *,
+        deliver: Callable[..., Any],
+        on_events: Callable[[Batch], None],
+        on_listed: Callable[[str | None, set[Key]], None],
+        timeout: int = 300,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.core = core
+        self.namespaces = tuple(namespaces)
+        self.deliver = deliver
+        self.on_events = on_events
+        self.on_listed = on_listed
+        self.timeout = timeout
+        self.page_size = page_size
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._streams: dict[str | None, Any] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for ns in self.namespaces:
+            thread = threading.Thread(target=self._run, args=(ns,), name=f"autotek-secrets-{ns or 'all'}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, wait: float = 2.0) -> None:
+        self._stop.set()
+        with self._lock:
+            streams = list(self._streams.values())
+        for resp in streams:
+            try:
+                resp.shutdown()  # unblocks the read in the watching thread
+            except (OSError, AttributeError) as exc:  # already closed
+                log.debug("closing the Secret watch: %s", type(exc).__name__)
+        for thread in self._threads:
+            thread.join(wait)
+
+    # -- one namespace ---------------------------------------------------------------------------
+
+    def _run(self, ns: str | None) -> None:
+        where = f"namespace {ns}" if ns else "all namespaces"
+        version: str | None = None
+        delay = RETRY_MIN
+        failing: str | None = None
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    version = self._list(ns)
+                version = self._watch(ns, version)
+                delay = RETRY_MIN
+                if failing:
+                    log.info("watching Secrets in %s again", where)
+                    failing = None
+                continue  # the stream ended normally (server timeout): resume from where it was
+            except _Expired:
+                log.debug("Secret watch in %s: resourceVersion too old; listing again", where)
+                version = None
+                continue
+            except ApiException as exc:
+                problem = f"HTTP {exc.status} {exc.reason or ''}".strip()
+                if exc.status == 410:
+                    version = None
+                    continue
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                problem = type(exc).__name__
+            if self._stop.is_set():
+                return
+            if problem != failing:  # once per distinct problem, not once per retry
+                log.warning("watching Secrets in %s failed (%s); retrying with backoff", where, problem)
+                failing = problem
+            self._stop.wait(delay)
+            delay = min(RETRY_MAX, delay * 2)
+
+    def _list(self, ns: str | None) -> str:
+        keys: set[Key] = set()
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
+            kw["_request_timeout"] = (CONNECT_TIMEOUT, 60.0)
+            if token:
+                kw["_continue"] = token
+            if ns:
+                resp: Any = self.core.list_namespaced_secret(ns, **kw)
+            else:
+                resp = self.core.list_secret_for_all_namespaces(**kw)
+            doc = json.loads(resp.data)
+            items = doc.get("items") or []
+            batch: Batch = []
+            for item in items:
+                meta = item.setdefault("metadata", {})
+                # List items carry no apiVersion/kind; namespace is always set by the API.
+                keys.add((meta.get("namespace") or ns or "", meta.get("name", "")))
+                batch.append((None, item))
+            if batch:
+                self.deliver(self.on_events, batch)
+            meta = doc.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                self.deliver(self.on_listed, ns, keys)
+                return str(meta.get("resourceVersion") or "")
+
+    def _watch(self, ns: str | None, version: str) -> str:
+        kw: dict[str, Any] = {
+            "watch": True,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": self.timeout,
+            "_preload_content": False,
+            "_request_timeout": (CONNECT_TIMEOUT, self.timeout + 15),
+        }
+        if version:
+            kw["resource_version"] = version
+        if ns:
+            resp: Any = self.core.list_namespaced_secret(ns, **kw)
+        else:
+            resp = self.core.list_secret_for_all_namespaces(**kw)
+        with self._lock:
+            self._streams[ns] = resp
+        try:
+            for batch in _batches(resp):
+                events: Batch = []
+                for event in batch:
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            raise _Expired()
+                        raise ValueError("watch error")
+                    rv = (obj.get("metadata") or {}).get("resourceVersion")
+                    if rv:
+                        version = str(rv)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        events.append((kind, obj))
+                if events:
+                    self.deliver(self.on_events, events)
+                if self._stop.is_set():
+                    break
+        finally:
+            with self._lock:
+                self._streams.pop(ns, None)
+            resp.release_conn()
+        return version
+
+
+def _batches(resp: Any) -> Iterator[list[dict[str, Any]]]:
+    """The watch stream's events, as lists of those that arrived together."""
+    pending = b""
+    for chunk in resp.stream(amt=None, decode_content=False):
+        pending += chunk
+        if b"\n" not in pending:
+            continue
+        *lines, pending = pending.split(b"\n")
+        events = [json.loads(line) for line in lines if line.strip()]
+        if events:
+            yield events
+    if pending.strip():
+        yield [json.loads(pending)]
