@@ -21,6 +21,7 @@ from .status import Readiness, find_condition, fmt, ready_condition, status_patc
 from .target import (
     HeldToken,
     Owner,
+    Written,
     check_target,
     desired_secret,
     held_from_secret,
@@ -28,6 +29,7 @@ from .target import (
     matches,
     merge_patch,
     render_templates,
+    rotation_patch,
     trim_secret,
     unb64,
     unmerge_patch,
@@ -227,36 +229,62 @@ def _write_target(
     st: CredentialState,
     spec: CredentialSpec,
     owner: Owner,
-    target: Mapping[str, Any] | None,
+    target: Mapping[str, Any] | Written | None,
     token: HeldToken,
     kube: Kube,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[Written, bool]:
     """Make the target Secret hold ``token`` in one API call; (the Secret as now stored, written?)."""
-    if target is not None and matches(target, spec, owner, token):
-        return dict(target), False
     name = spec.target.name
-    if spec.target.creation_policy == CREATION_MERGE:
-        resp = kube.patch_secret(st.namespace, name, merge_patch(spec, owner, token))
-        if resp is None:
-            raise errors.TargetNotFound(f"Secret {name} does not exist; creationPolicy Merge needs it to exist")
-        metrics.observe_secret_write("patch")
-        return resp, True
+    merge = spec.target.creation_policy == CREATION_MERGE
+    if isinstance(target, Written):
+        if target.token == token:
+            return target, False
+        if merge:
+            return _merge_write(st, spec, owner, token, kube), True
+        try:
+            resp = kube.patch_secret(st.namespace, name, rotation_patch(spec, owner, token, target))
+        except Conflict:
+            # Changed by someone else since we wrote it: look again, and stop if it is not ours.
+            target = kube.get_secret(st.namespace, name)
+            check_target(target, spec, owner)
+        else:
+            if resp is not None:
+                metrics.observe_secret_write("patch")
+                return _written(resp, token), True
+            target = None  # deleted meanwhile: create it again
+    if target is not None and matches(target, spec, owner, token):
+        return _written(target, token), False
+    if merge:
+        return _merge_write(st, spec, owner, token, kube), True
     for _ in range(2):
         try:
             if target is None:
                 created = kube.create_secret(st.namespace, desired_secret(None, spec, owner, token))
                 metrics.observe_secret_write("create")
-                return created, True
+                return _written(created, token), True
             replaced = kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token))
             metrics.observe_secret_write("update")
-            return replaced, True
+            return _written(replaced, token), True
         except Conflict:
             # Created or changed by someone else meanwhile: look again, and stop if it is not ours.
             target = kube.get_secret(st.namespace, name)
             check_target(target, spec, owner)
             if target is not None and matches(target, spec, owner, token):
-                return target, False
+                return _written(target, token), False
     raise errors.KubernetesAPIError(f"Secret {name} kept changing while being written; will retry")
+
+
+def _merge_write(st: CredentialState, spec: CredentialSpec, owner: Owner, token: HeldToken, kube: Kube) -> Written:
+    resp = kube.patch_secret(st.namespace, spec.target.name, merge_patch(spec, owner, token))
+    if resp is None:
+        raise errors.TargetNotFound(f"Secret {spec.target.name} does not exist; creationPolicy Merge needs it to exist")
+    metrics.observe_secret_write("patch")
+    return _written(resp, token)
+
+
+def _written(secret: Mapping[str, Any], token: HeldToken) -> Written:
+    version = str((secret.get("metadata") or {}).get("resourceVersion") or "")
+    return Written(version=version, token=token, keys=frozenset(secret.get("data") or ()))
 
 
 def _event(deps: Deps, st: CredentialState, event_type: str, reason: str, message: str, now: datetime) -> None:
@@ -350,15 +378,16 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         spec = parse_spec(st.spec, name=st.name)
         deps.tokens.check_allowed(spec.token_url)
         target = st.target_body
-        if target is UNKNOWN:
+        if target is UNKNOWN or (isinstance(target, Written) and st.token is None):
             target = trim_secret(deps.kube.get_secret(st.namespace, spec.target.name))
             st.target_body = target
         if target is None and spec.target.creation_policy == CREATION_MERGE:
             raise errors.TargetNotFound(
                 f"Secret {spec.target.name} does not exist; creationPolicy Merge writes only into an existing Secret"
             )
-        check_target(target, spec, owner)
-        if st.token is None:
+        if not isinstance(target, Written):
+            check_target(target, spec, owner)
+        if st.token is None and not isinstance(target, Written):
             adopted = (
                 held_from_secret(target, owner)
                 if target is not None and is_ours_or_merged(target, spec, owner)
@@ -438,7 +467,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                         now,
                     )
             st.target_body = written
-            st.target_version = str(((written or {}).get("metadata") or {}).get("resourceVersion") or "")
+            st.target_version = written.version
             target_ok = True
             if wrote and issued is None:
                 log.info("%s: restored Secret %s with the held token", st.label(), spec.target.name)

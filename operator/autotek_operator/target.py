@@ -42,6 +42,31 @@ class HeldToken:
         return now < self.expires_at
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A target Secret as this operator last wrote or confirmed it, kept instead of the Secret.
+
+    Its resourceVersion, the token it holds and its data keys are all a later pass needs while
+    nobody else changes it: a change by someone else arrives on the watch with another version
+    and replaces this with the Secret itself."""
+
+    version: str
+    token: HeldToken
+    keys: frozenset[str]
+
+
+def rotation_patch(spec: CredentialSpec, owner: Owner, token: HeldToken, written: Written) -> dict[str, Any]:
+    """The merge patch that turns a Secret we wrote (unchanged since: resourceVersion as a
+    precondition) into what ``desired_secret`` would write for ``token`` (Owner policy)."""
+    data: dict[str, Any] = dict(token_data(token, spec.target.data))
+    for key in written.keys - data.keys():
+        data[key] = None
+    return {
+        "metadata": {"resourceVersion": written.version, "annotations": token_annotations(owner, token)},
+        "data": data,
+    }
+
+
 _KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations", "ownerReferences")
 
 

@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 
 def format_time(when: datetime) -> str:
     """Format an aware datetime as ``2026-11-28T04:10:00Z``."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    return f"{when.year:04d}-{when.month:02d}-{when.day:02d}T{when.hour:02d}:{when.minute:02d}:{when.second:02d}Z"
 
 
 def parse_time(value: object) -> datetime | None:

@@ -79,10 +79,7 @@ class SecretWatch:
         with self._lock:
             streams = list(self._streams.values())
         for resp in streams:
-            try:
-                resp.shutdown()  # unblocks the read in the watching thread
-            except (OSError, AttributeError) as exc:  # already closed
-                log.debug("closing the Secret watch: %s", type(exc).__name__)
+            _shutdown(resp)
         for thread in self._threads:
             thread.join(wait)
 
@@ -97,6 +94,8 @@ class SecretWatch:
             try:
                 if version is None:
                     version = self._list(ns)
+                if self._stop.is_set():
+                    return
                 version = self._watch(ns, version)
                 delay = RETRY_MIN
                 if failing:
@@ -166,6 +165,8 @@ class SecretWatch:
             resp = self.core.list_secret_for_all_namespaces(**kw)
         with self._lock:
             self._streams[ns] = resp
+        if self._stop.is_set():  # stop() ran before this stream was registered: it cannot end it
+            _shutdown(resp)
         try:
             for batch in _batches(resp):
                 events: Batch = []
@@ -189,6 +190,14 @@ class SecretWatch:
                 self._streams.pop(ns, None)
             resp.release_conn()
         return version
+
+
+def _shutdown(resp: Any) -> None:
+    """Unblock a thread reading ``resp`` (the read sees the end of the stream)."""
+    try:
+        resp.shutdown()
+    except (OSError, ValueError, RuntimeError) as exc:  # already closed or released
+        log.debug("closing the Secret watch: %s", type(exc).__name__)
 
 
 def _batches(resp: Any) -> Iterator[list[dict[str, Any]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,6 +100,9 @@ class FakeKube:
         cur = self.secrets.get((namespace, name))
         if cur is None:
             return None
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != cur["metadata"]["resourceVersion"]:
+            raise Conflict("stale")  # a resourceVersion in a patch is a precondition, as on the API server
         _merge(cur, patch)
         cur["metadata"]["resourceVersion"] = str(next(self._rv))
         return copy.deepcopy(cur)
@@ -158,6 +162,8 @@ class FakeTokens:
         self.errors: list[errors.AutoTekError] = []
         self.count = 0
         self.defaulted = False
+        #: The access token for the n-th token issued.
+        self.token_value: Callable[[int], str] = lambda n: f"tok-{n}"
 
     def check_allowed(self, url: str) -> None:
         if not self.allowed:
@@ -170,7 +176,7 @@ class FakeTokens:
             raise self.errors.pop(0)
         self.count += 1
         return Token(
-            access_token=f"tok-{self.count}",
+            access_token=self.token_value(self.count),
             token_type="bearer",
             lifetime=self.lifetime,
             scope="",

@@ -28,9 +28,7 @@ PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 
 # --- strategies -----------------------------------------------------------------------------------
 
-instants = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
-)
+instants = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC))
 rands = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 lifetimes = st.floats(min_value=10.5, max_value=1e13)
 refreshes = st.one_of(
@@ -39,9 +37,7 @@ refreshes = st.one_of(
     st.builds(Refresh, renew_before=st.floats(min_value=1, max_value=1e6)),
 )
 retry_afters = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
-attempt_counts = st.one_of(
-    st.integers(min_value=-5, max_value=100), st.integers(min_value=0, max_value=10**30)
-)
+attempt_counts = st.one_of(st.integers(min_value=-5, max_value=100), st.integers(min_value=0, max_value=10**30))
 seconds = st.floats(min_value=-1e6, max_value=1e6)
 
 
@@ -151,9 +147,7 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
     max_leaves=20,
 )
 # Non-string JSON plus strings: near-valid samples and free text.
@@ -213,9 +207,7 @@ restart_targets = st.lists(
         st.fixed_dictionaries(
             {},
             optional={
-                "kind": maybe(
-                    st.sampled_from(["Deployment", "StatefulSet", "DaemonSet", "Pod", "deployment"])
-                ),
+                "kind": maybe(st.sampled_from(["Deployment", "StatefulSet", "DaemonSet", "Pod", "deployment"])),
                 "name": maybe(names),
             },
         )
@@ -263,9 +255,7 @@ other_fields = {
 }
 specs = st.fixed_dictionaries({}, optional={"clientSecretRef": client_secret_refs, **other_fields})
 # The required part valid, so that every later field is reached.
-specs_past_ref = st.fixed_dictionaries(
-    {"clientSecretRef": st.just({"name": "autotek-client"})}, optional=other_fields
-)
+specs_past_ref = st.fixed_dictionaries({"clientSecretRef": st.just({"name": "autotek-client"})}, optional=other_fields)
 
 
 def parses_or_invalid(spec: Any) -> CredentialSpec | None:
@@ -323,12 +313,14 @@ _token_like = st.fixed_dictionaries(
     {},
     optional={
         "access_token": st.one_of(st.text(max_size=20), st.integers(), st.none()),
-        "expires_in": st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=12), st.none(),
-                                st.booleans()),
+        "expires_in": st.one_of(
+            st.integers(), st.floats(allow_nan=True), st.text(max_size=12), st.none(), st.booleans()
+        ),
         "token_type": st.one_of(st.text(max_size=10), st.integers(), st.none()),
         "scope": st.one_of(st.text(max_size=10), st.integers(), st.none()),
-        "error": st.one_of(st.sampled_from(["invalid_client", "invalid_grant", "temporarily_unavailable"]),
-                           st.text(max_size=10)),
+        "error": st.one_of(
+            st.sampled_from(["invalid_client", "invalid_grant", "temporarily_unavailable"]), st.text(max_size=10)
+        ),
         "error_description": st.text(max_size=30),
     },
 )
@@ -360,3 +352,19 @@ def test_parse_response_returns_a_token_or_a_typed_error(status: int, body: byte
         return
     assert status == 200
     assert token.access_token.strip() and token.lifetime > 0
+
+
+from datetime import timezone  # noqa: E402
+
+from autotek_operator.timefmt import format_time, parse_time  # noqa: E402
+
+
+@given(
+    st.datetimes(min_value=datetime(1000, 1, 1), max_value=datetime(9998, 12, 31)),
+    st.integers(min_value=-14 * 60, max_value=14 * 60),
+)
+def test_format_time_is_rfc3339_utc_seconds(naive: datetime, offset_minutes: int) -> None:
+    when = naive.replace(tzinfo=timezone(timedelta(minutes=offset_minutes)))
+    text = format_time(when)
+    assert text == when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert parse_time(text) == when.astimezone(UTC).replace(microsecond=0)

@@ -104,10 +104,94 @@ def test_due_pass_rotates(world: Any) -> None:
     kube.calls.clear()
     st = run_pass(st, deps)
     # The minimum: write the Secret, patch status once, record the rotation.
-    assert kube.calls == [("replace", "autotek"), ("event", "TokenRotated"), ("status", "autotek")]
+    assert kube.calls == [("patch", "autotek"), ("event", "TokenRotated"), ("status", "autotek")]
     assert len(tokens.requests) == 2
     assert unb64(kube.secrets[(NS, "autotek")]["data"]["access_token"]) == "tok-2"
     assert [e["reason"] for e in kube.events] == ["TokenIssued", "TokenRotated"]
+
+
+def _content(secret: dict[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in secret["metadata"].items() if k not in ("resourceVersion", "uid")}
+    return {"type": secret.get("type"), "metadata": meta, "data": secret["data"]}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"clientSecretRef": {"name": "autotek-client"}},
+        {"clientSecretRef": {"name": "autotek-client"}, "scope": "read",
+         "target": {"template": {"labels": {"team": "a"}, "annotations": {"note": "n"},
+                                 "data": {"config.json": '{"token": "{{ .access_token }}"}'}}}},
+        {"clientSecretRef": {"name": "autotek-client"}, "target": {"deletionPolicy": "Retain"}},
+    ],
+    ids=["plain", "templates", "retain"],
+)
+def test_rotation_patch_leaves_the_secret_as_a_full_write_would(world: Any, spec: dict[str, Any]) -> None:
+    clock, kube, tokens, deps = world
+    st = run_pass(CredentialState.from_body(body(spec)), deps)
+    clock.advance(3600 * 0.67 + 1)
+    patched = run_pass(st, deps)
+    assert kube.calls[-3][0] == "patch"
+    rotated = copy.deepcopy(kube.secrets[(NS, "autotek")])
+    # The same rotation again, from a Secret whose content the pass must read (a full write).
+    kube2, tokens2 = FakeKube(), FakeTokens(clock)
+    kube2.secrets = copy.deepcopy({k: v for k, v in kube.secrets.items() if k != (NS, "autotek")})
+    replayed = copy.deepcopy(patched)
+    replayed.target_body = None
+    replayed.target_version = None
+    run_pass(replayed, Deps(kube=kube2, tokens=tokens2, clock=clock, rand=lambda: 0.0))  # type: ignore[arg-type]
+    assert ("create", "autotek") in kube2.calls  # no token needed: the held one is written in full
+    assert _content(kube2.secrets[(NS, "autotek")]) == _content(rotated)
+
+
+def test_rotation_patch_drops_a_template_key_the_new_token_cannot_fill(world: Any) -> None:
+    clock, kube, tokens, deps = world
+    spec = {"clientSecretRef": {"name": "autotek-client"},
+            "target": {"template": {"data": {"big": "{{ .access_token }}" * 40}}}}
+    st = run_pass(CredentialState.from_body(body(spec)), deps)
+    assert "big" in kube.secrets[(NS, "autotek")]["data"]
+    clock.advance(3600 * 0.67 + 1)
+    tokens.token_value = lambda n: "t" * 2000  # renders to more than 64 KiB: left out
+    run_pass(st, deps)
+    data = kube.secrets[(NS, "autotek")]["data"]
+    assert unb64(data["access_token"]) == "t" * 2000
+    assert "big" not in data
+
+
+def test_rotation_of_a_secret_changed_meanwhile_reads_it_again(world: Any) -> None:
+    clock, kube, tokens, deps = world
+    st = run_pass(CredentialState.from_body(body()), deps)
+    kube.secrets[(NS, "autotek")]["metadata"]["labels"]["added-by"] = "someone"  # the watch has not told us
+    kube.secrets[(NS, "autotek")]["metadata"]["resourceVersion"] = "999"
+    clock.advance(3600 * 0.67 + 1)
+    kube.calls.clear()
+    st = run_pass(st, deps)
+    assert [call[0] for call in kube.calls[:3]] == ["patch", "get", "replace"]
+    secret = kube.secrets[(NS, "autotek")]
+    assert unb64(secret["data"]["access_token"]) == "tok-2"
+    assert secret["metadata"]["labels"]["added-by"] == "someone"  # others' labels are kept
+
+
+def test_rotation_of_a_secret_deleted_meanwhile_creates_it(world: Any) -> None:
+    clock, kube, tokens, deps = world
+    st = run_pass(CredentialState.from_body(body()), deps)
+    del kube.secrets[(NS, "autotek")]  # the watch has not told us
+    clock.advance(3600 * 0.67 + 1)
+    kube.calls.clear()
+    run_pass(st, deps)
+    assert [call[0] for call in kube.calls[:2]] == ["patch", "create"]
+    assert unb64(kube.secrets[(NS, "autotek")]["data"]["access_token"]) == "tok-2"
+
+
+def test_rotation_of_a_taken_over_secret_stops(world: Any) -> None:
+    clock, kube, tokens, deps = world
+    st = run_pass(CredentialState.from_body(body()), deps)
+    kube.secrets[(NS, "autotek")] = {"type": "Opaque", "metadata": {"name": "autotek", "namespace": NS,
+                                      "resourceVersion": "998"}, "data": {"theirs": b64("x")}}
+    clock.advance(3600 * 0.67 + 1)
+    run_pass(st, deps)
+    assert kube.secrets[(NS, "autotek")]["data"] == {"theirs": b64("x")}
+    assert ready(kube)["reason"] == c.REASON_TARGET_CONFLICT
 
 
 def test_deleted_target_is_restored_without_token_request(world: Any) -> None:
