@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import heapq
+import http.cookiejar
+import itertools
 import json
 import math
 import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -263,8 +267,8 @@ def basic_authorization(client_id: str, client_secret: str) -> str:
 
 # -- a whole-request deadline ------------------------------------------------------------------
 # requests' timeouts bound each connect and each read, so a server that drips bytes slowly can
-# hold a request for ever. Connections opened for a request are recorded (per thread), and a
-# watchdog shuts their sockets down when the request's deadline passes.
+# hold a request for ever. Connections opened for a request are recorded (per thread), and the
+# client's watchdog thread shuts their sockets down when the request's deadline passes.
 
 _tracking = threading.local()
 
@@ -300,8 +304,7 @@ def _track(adapter: HTTPAdapter) -> HTTPAdapter:
     return adapter
 
 
-def _abort(conns: list[HTTPConnection], fired: threading.Event) -> None:
-    fired.set()
+def _abort(conns: list[HTTPConnection]) -> None:
     for conn in list(conns):
         sock = getattr(conn, "sock", None)
         if sock is not None:
@@ -309,6 +312,96 @@ def _abort(conns: list[HTTPConnection], fired: threading.Event) -> None:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class _Watch:
+    """One request's deadline, as registered with a ``_Watchdog``.
+
+    ``done`` is set when the request finished (cancelled) or the deadline passed; ``fired`` only
+    in the latter case. Both are written with the watchdog's lock held."""
+
+    __slots__ = ("conns", "done", "fired")
+
+    def __init__(self, conns: list[HTTPConnection]) -> None:
+        self.conns = conns
+        self.done = False
+        self.fired = False
+
+
+class _Watchdog:
+    """Enforces the deadlines of one client's requests with a single daemon thread.
+
+    Deadlines wait in a heap ordered by time; the thread, started with the first request, sleeps
+    until the earliest one (without a timeout while there is none) and shuts down the sockets of
+    each request whose deadline passed. It is woken only by a deadline earlier than the one it
+    sleeps until, which with one timeout for all requests is rare. A finished request is
+    cancelled: its entry is dropped when it reaches the top of the heap, or sooner, in one sweep,
+    once cancelled entries are more than half the heap. Sockets are shut down with the lock held,
+    so once ``cancel`` has returned the watchdog no longer touches that request's connections
+    (which the thread's next request may open again). The thread ends when ``close`` is called
+    (when its client is collected)."""
+
+    THREAD_NAME = "autotek-token-deadline"
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._cancelled = 0  # cancelled entries still in the heap
+        self._sleeping_until = math.inf  # the deadline the thread sleeps until
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, deadline: float, conns: list[HTTPConnection]) -> _Watch:
+        """Shut down the sockets of ``conns`` at ``deadline`` (``time.monotonic``) unless cancelled."""
+        entry = _Watch(conns)
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline, next(self._seq), entry))
+            if deadline < self._sleeping_until:
+                self._cond.notify()  # the thread must wake sooner than it planned
+        return entry
+
+    def cancel(self, entry: _Watch) -> None:
+        """The request is over: never act on ``entry``. A deadline already acted on stays acted on."""
+        with self._cond:
+            if entry.done:
+                return
+            entry.done = True
+            self._cancelled += 1
+            if self._cancelled * 2 > len(self._heap):
+                self._heap = [item for item in self._heap if not item[2].done]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                heap = self._heap
+                while heap and heap[0][2].done:
+                    heapq.heappop(heap)
+                    self._cancelled -= 1
+                if not heap:
+                    self._sleeping_until = math.inf
+                    self._cond.wait()
+                    continue
+                earliest = heap[0][0]
+                remaining = earliest - time.monotonic()
+                if remaining > 0:
+                    self._sleeping_until = earliest
+                    self._cond.wait(remaining)
+                    continue
+                entry = heapq.heappop(heap)[2]
+                entry.done = entry.fired = True
+                _abort(entry.conns)
 
 
 def _transport_error(
@@ -326,6 +419,9 @@ def _transport_error(
     return errors.TokenEndpointUnavailable(f"the request to the token endpoint {where} failed")
 
 
+_NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+
+
 class _PinnedCAAdapter(HTTPAdapter):
     """An adapter that verifies servers against one CA bundle only (``spec.caBundle``)."""
 
@@ -340,7 +436,16 @@ class _PinnedCAAdapter(HTTPAdapter):
 
 
 class TokenClient:
-    """Performs token requests: allow-list, TLS, timeouts, body cap, global concurrency bound."""
+    """Performs token requests: allow-list, TLS, timeouts, body cap, global concurrency bound.
+
+    Each request must finish within ``2 * timeout`` as a whole; one watchdog thread per client
+    enforces that. Each thread keeps its own ``requests`` sessions, one per CA bundle (at most
+    ``SESSIONS_PER_THREAD``, the least recently used dropped first), but never reuses a
+    connection: every request opens its own and closes it when done.
+    """
+
+    #: How many sessions (distinct ``caBundle`` values) each thread keeps.
+    SESSIONS_PER_THREAD = 16
 
     def __init__(
         self,
@@ -358,6 +463,10 @@ class TokenClient:
         self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._contexts_lock = threading.Lock()
+        self._local = threading.local()  # .sessions: CA bundle digest ("" for none) -> session
+        self._watchdog = _Watchdog()
+        # The watchdog's thread ends with the client (at exit, being a daemon, it just stops).
+        weakref.finalize(self, self._watchdog.close).atexit = False
         #: Called after each attempt with (result class, seconds); wired to metrics.
         self.observer: Callable[[str, float], None] | None = None
 
@@ -384,11 +493,26 @@ class TokenClient:
             return ctx
 
     def _session(self, ca_bundle: str) -> requests.Session:
-        """A new session per request: token requests are rare, and a connection is never reused
-        (a server may close it at any time after answering, and the deadline watchdog guards
-        only the connections opened for its own request)."""
+        """This thread's session for ``ca_bundle``, made on first use."""
+        key = hashlib.sha256(ca_bundle.encode()).hexdigest() if ca_bundle else ""
+        sessions: dict[str, requests.Session] | None = getattr(self._local, "sessions", None)
+        if sessions is None:
+            sessions = self._local.sessions = {}
+        session = sessions.pop(key, None)
+        if session is None:
+            session = self._new_session(ca_bundle)
+            while len(sessions) >= self.SESSIONS_PER_THREAD:
+                sessions.pop(next(iter(sessions))).close()
+        sessions[key] = session  # (re)inserted last: the dict is in least recently used order
+        return session
+
+    def _new_session(self, ca_bundle: str) -> requests.Session:
+        """A session that keeps no state between requests: no cookies, and no open connection
+        (``_post`` closes each request's connections), so a slow server cannot be reached through
+        a connection the deadline watchdog does not guard, nor a stale one be written to."""
         session = requests.Session()
         session.trust_env = False  # no proxies or netrc credentials picked up from the environment
+        session.cookies.set_policy(_NO_COOKIES)  # nothing one answer sets is sent with the next
         session.mount("http://", _track(HTTPAdapter()))
         if ca_bundle:
             session.mount("https://", _track(_PinnedCAAdapter(self._context_for(ca_bundle))))
@@ -407,8 +531,9 @@ class TokenClient:
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
             "User-Agent": "autotek-operator",
-            # A fresh connection per request: token requests are rare, and the deadline
-            # watchdog only sees connections opened for the request it guards.
+            # A fresh connection per request (also closed by us when done, for servers that
+            # ignore this): the deadline watchdog only sees connections opened for the request
+            # it guards.
             "Connection": "close",
         }
         if req.auth_method == AUTH_BASIC:
@@ -420,7 +545,8 @@ class TokenClient:
             basic = basic_authorization(req.client_id, req.client_secret).removeprefix("Basic ")
             secrets = (req.client_secret, basic, basic.rstrip("="), req.client_id)
         where = safe_url(req.token_url)
-        with self._slots, self._session(req.ca_bundle) as session:
+        with self._slots:
+            session = self._session(req.ca_bundle)
             sent_at = self._clock()
             started = time.monotonic()
             result = "error"
@@ -460,16 +586,18 @@ class TokenClient:
     ) -> tuple[int, Mapping[str, str], bytes]:
         deadline = time.monotonic() + self.timeout * 2
         conns: list[HTTPConnection] = []
-        fired = threading.Event()
-        watchdog = threading.Timer(self.timeout * 2, _abort, args=(conns, fired))
-        watchdog.daemon = True
+        watch = self._watchdog.watch(deadline, conns)
         _tracking.conns = conns
-        watchdog.start()
         try:
-            return self._exchange(session, url, form, headers, where, deadline, fired)
+            return self._exchange(session, url, form, headers, where, deadline, watch)
         finally:
-            watchdog.cancel()
+            self._watchdog.cancel(watch)  # from here on the watchdog leaves these connections alone
             _tracking.conns = None
+            for conn in conns:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
 
     def _exchange(
         self,
@@ -479,7 +607,7 @@ class TokenClient:
         headers: dict[str, str],
         where: str,
         deadline: float,
-        fired: threading.Event,
+        watch: _Watch,
     ) -> tuple[int, Mapping[str, str], bytes]:
         try:
             resp = session.post(
@@ -492,7 +620,7 @@ class TokenClient:
                 verify=True,
             )
         except requests.exceptions.RequestException as exc:
-            raise _transport_error(exc, where, fired.is_set()) from None
+            raise _transport_error(exc, where, watch.fired) from None
         try:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isascii() and length.isdigit() and int(length) > self.max_body:
@@ -512,8 +640,8 @@ class TokenClient:
                         raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
                     chunks.append(chunk)
             except requests.exceptions.RequestException as exc:
-                raise _transport_error(exc, where, fired.is_set(), reading=True) from None
-            if fired.is_set():
+                raise _transport_error(exc, where, watch.fired, reading=True) from None
+            if watch.fired:
                 raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
             return resp.status_code, resp.headers, b"".join(chunks)
         finally:
