@@ -171,7 +171,10 @@ class Runtime:
             timeout = max(0.0, self._heap[0][0] - self._now().timestamp()) if self._heap and self.active else None
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                # asyncio.timeout, not wait_for: wait_for can swallow a cancellation that lands
+                # together with a wake-up, and stop() would then wait for ever.
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

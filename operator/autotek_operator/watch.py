@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,10 +33,16 @@ Batch = list[tuple[str | None, dict[str, Any]]]
 PAGE_SIZE = 500
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
 CONNECT_TIMEOUT = 10.0
+#: A watch that ends sooner than this without any event counts as a failure (backoff applies).
+QUICK_END = 1.0
 
 
 class _Expired(Exception):
-    """410 Gone: the resourceVersion to resume from is too old; list again."""
+    """A 410 ERROR event on the stream: the resourceVersion to resume from is too old; list again."""
+
+
+class _Gone(Exception):
+    """The watch request itself answered 410: the same, before the stream began."""
 
 
 class SecretWatch:
@@ -57,7 +64,7 @@ class SecretWatch:
         page_size: int = PAGE_SIZE,
     ) -> None:
         self.core = core
-        self.namespaces = tuple(namespaces)
+        self.namespaces = tuple(dict.fromkeys(namespaces))  # one thread per namespace, even if repeated
         self.deliver = deliver
         self.on_events = on_events
         self.on_listed = on_listed
@@ -80,8 +87,9 @@ class SecretWatch:
             streams = list(self._streams.values())
         for resp in streams:
             _shutdown(resp)
+        deadline = time.monotonic() + wait
         for thread in self._threads:
-            thread.join(wait)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- one namespace ---------------------------------------------------------------------------
 
@@ -91,26 +99,29 @@ class SecretWatch:
         delay = RETRY_MIN
         failing: str | None = None
         while not self._stop.is_set():
+            listed = False
             try:
                 if version is None:
                     version = self._list(ns)
+                    listed = True
+                    failing = self._recovered(failing, where)
                 if self._stop.is_set():
                     return
+                started, before = time.monotonic(), version
                 version = self._watch(ns, version)
-                delay = RETRY_MIN
-                if failing:
-                    log.info("watching Secrets in %s again", where)
-                    failing = None
-                continue  # the stream ended normally (server timeout): resume from where it was
-            except _Expired:
+                if version != before or time.monotonic() - started >= QUICK_END:
+                    delay = RETRY_MIN
+                    failing = self._recovered(failing, where)
+                    continue  # the stream ended normally (server timeout): resume from where it was
+                problem = "the watch ended at once"  # e.g. a proxy closing it: do not reconnect in a hot loop
+            except (_Expired, _Gone):
                 log.debug("Secret watch in %s: resourceVersion too old; listing again", where)
                 version = None
-                continue
+                if not listed:
+                    continue
+                problem = "the resourceVersion just listed was already too old"
             except ApiException as exc:
                 problem = f"HTTP {exc.status} {exc.reason or ''}".strip()
-                if exc.status == 410:
-                    version = None
-                    continue
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 problem = type(exc).__name__
             if self._stop.is_set():
@@ -120,6 +131,12 @@ class SecretWatch:
                 failing = problem
             self._stop.wait(delay)
             delay = min(RETRY_MAX, delay * 2)
+
+    @staticmethod
+    def _recovered(failing: str | None, where: str) -> None:
+        if failing:
+            log.info("watching Secrets in %s again", where)
+        return None
 
     def _list(self, ns: str | None) -> str:
         keys: set[Key] = set()
@@ -159,10 +176,15 @@ class SecretWatch:
         }
         if version:
             kw["resource_version"] = version
-        if ns:
-            resp: Any = self.core.list_namespaced_secret(ns, **kw)
-        else:
-            resp = self.core.list_secret_for_all_namespaces(**kw)
+        try:
+            if ns:
+                resp: Any = self.core.list_namespaced_secret(ns, **kw)
+            else:
+                resp = self.core.list_secret_for_all_namespaces(**kw)
+        except ApiException as exc:
+            if exc.status == 410:
+                raise _Gone() from None
+            raise
         with self._lock:
             self._streams[ns] = resp
         if self._stop.is_set():  # stop() ran before this stream was registered: it cannot end it
