@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from autotek_operator import errors
 from autotek_operator.kube import Conflict
+from autotek_operator.reconcile import Deps
+from autotek_operator.runtime import Runtime
 from autotek_operator.token_client import Token, TokenRequest
 
 T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC)
@@ -133,8 +137,9 @@ class FakeKube:
         obj = getattr(self, "workloads", {}).get((kind, namespace, name))
         if obj is None:
             return False
-        obj.setdefault("spec", {}).setdefault("template", {}).setdefault("metadata", {}).setdefault(
-            "annotations", {})["kubectl.kubernetes.io/restartedAt"] = when
+        obj.setdefault("spec", {}).setdefault("template", {}).setdefault("metadata", {}).setdefault("annotations", {})[
+            "kubectl.kubernetes.io/restartedAt"
+        ] = when
         return True
 
     def writes(self) -> list[tuple[str, str]]:
@@ -183,3 +188,31 @@ class FakeTokens:
             sent_at=self.clock(),
             lifetime_defaulted=self.defaulted,
         )
+
+
+def real_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextlib.asynccontextmanager
+async def running_runtime(
+    namespace: str, client_secret: str = "s"
+) -> AsyncIterator[tuple[Runtime, FakeKube, FakeTokens]]:
+    """A started Runtime over the fakes, on the real clock, with a client Secret ``client``."""
+    kube = FakeKube()
+    kube.put_secret(namespace, "client", {"client_id": "id", "client_secret": client_secret})
+    tokens = FakeTokens(real_now)  # type: ignore[arg-type]
+    runtime = Runtime(Deps(kube=kube, tokens=tokens, clock=real_now, rand=lambda: 0.0), workers=2)  # type: ignore[arg-type]
+    runtime.start()
+    try:
+        yield runtime, kube, tokens
+    finally:
+        await runtime.stop(grace=2)
+
+
+async def settle(runtime: Runtime, seconds: float = 0.5, interval: float = 0.05) -> None:
+    """Let due passes run and finish."""
+    deadline = asyncio.get_running_loop().time() + 5
+    await asyncio.sleep(seconds)
+    while runtime.inflight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(interval)

@@ -6,7 +6,6 @@ parsed back, so what is checked is what Prometheus would read.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -14,13 +13,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from fakes import FakeKube, FakeTokens
+from fakes import FakeKube, FakeTokens, real_now, running_runtime, settle
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from autotek_operator import metrics, scheduling
 from autotek_operator.metrics import CONDITIONS, CredentialCollector, CredentialSample
-from autotek_operator.reconcile import Deps
 from autotek_operator.runtime import Runtime
 
 READY = "autotek_credential_ready_status"
@@ -132,10 +130,6 @@ CLIENT_SECRET = f"client-secret-{uuid.uuid4().hex}"
 TOKEN = f"access-token-{uuid.uuid4().hex}"
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 def credential(name: str = "autotek", **extra: Any) -> dict[str, Any]:
     return {
         "metadata": {"namespace": NS, "name": name, "uid": f"u-{name}", "generation": 1},
@@ -147,24 +141,9 @@ def credential(name: str = "autotek", **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 async def rt(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Runtime, FakeKube, FakeTokens]]:
     monkeypatch.setattr(scheduling, "FLOOR_SECONDS", 0.2)
-    kube = FakeKube()
-    kube.put_secret(NS, "client", {"client_id": "id", "client_secret": CLIENT_SECRET})
-    tokens = FakeTokens(now)  # type: ignore[arg-type]
-    tokens.token_value = lambda n: f"{TOKEN}-{n}"
-    runtime = Runtime(Deps(kube=kube, tokens=tokens, clock=now, rand=lambda: 0.0), workers=2)  # type: ignore[arg-type]
-    runtime.start()
-    yield runtime, kube, tokens
-    # Let a wake-up still pending reach the scheduler first: on Python 3.11, cancelling it in the
-    # same loop iteration as a wake-up is lost in asyncio.wait_for and stop() never returns.
-    await asyncio.sleep(0.05)
-    await runtime.stop(grace=2)
-
-
-async def settle(runtime: Runtime, seconds: float = 0.15) -> None:
-    deadline = asyncio.get_running_loop().time() + 5
-    await asyncio.sleep(seconds)
-    while runtime.inflight and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
+    async with running_runtime(NS, client_secret=CLIENT_SECRET) as world:
+        world[2].token_value = lambda n: f"{TOKEN}-{n}"
+        yield world
 
 
 async def test_runtime_samples_follow_the_credentials_and_a_follower_reports_none(rt: Any) -> None:
@@ -172,7 +151,7 @@ async def test_runtime_samples_follow_the_credentials_and_a_follower_reports_non
     registry = registry_for(runtime.credential_samples)
     runtime.on_credential_event(None, credential())
     assert runtime.credential_samples() == []  # no pass yet: no status, no token, nothing to say
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     st = runtime.states[(NS, "autotek")]
     assert st.token is not None and st.next_refresh is not None
     expected = (NS, "autotek", "True", st.token.expires_at.timestamp(), st.next_refresh.timestamp())
@@ -180,17 +159,17 @@ async def test_runtime_samples_follow_the_credentials_and_a_follower_reports_non
     _, got = scrape(registry)
     assert ready_of(got, NS, "autotek") == {"True": 1.0, "False": 0.0, "Unknown": 0.0}
     assert got[EXPIRY] == {(NS, "autotek"): expected[3]} and got[REFRESH] == {(NS, "autotek"): expected[4]}
-    assert expected[3] > now().timestamp() and expected[4] < expected[3]
+    assert expected[3] > real_now().timestamp() and expected[4] < expected[3]
 
     runtime.set_active(False)  # another replica leads: it reports, this one does not
     assert runtime.credential_samples() == []
     assert scrape(registry)[1] == {READY: {}, EXPIRY: {}, REFRESH: {}}
     runtime.set_active(True)
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert [s[:3] for s in runtime.credential_samples()] == [(NS, "autotek", "True")]
 
     runtime.on_credential_event("DELETED", credential())
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert runtime.credential_samples() == []
     assert scrape(registry)[1] == {READY: {}, EXPIRY: {}, REFRESH: {}}
 
@@ -218,7 +197,7 @@ async def test_samples_carry_only_names_and_numbers(rt: Any) -> None:
     runtime, kube, tokens = rt
     for name in ("one", "two"):
         runtime.on_credential_event(None, credential(name))
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert tokens.count == 2
     held = {st.token.access_token for st in runtime.states.values() if st.token is not None}
     assert held == {f"{TOKEN}-1", f"{TOKEN}-2"}  # the runtime does hold the secrets...

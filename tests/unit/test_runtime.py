@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from fakes import FakeKube, FakeTokens, b64
+from fakes import FakeKube, FakeTokens, b64, running_runtime, settle
 
 from autotek_operator import scheduling
-from autotek_operator.reconcile import Deps
 from autotek_operator.runtime import Runtime
 
 NS = "shop"
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-class RealClock:
-    def __call__(self) -> datetime:
-        return now()
 
 
 def credential(generation: int = 1, **meta: Any) -> dict[str, Any]:
@@ -35,21 +23,8 @@ def credential(generation: int = 1, **meta: Any) -> dict[str, Any]:
 @pytest.fixture
 async def rt(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Runtime, FakeKube, FakeTokens]]:
     monkeypatch.setattr(scheduling, "FLOOR_SECONDS", 0.2)
-    kube = FakeKube()
-    kube.put_secret(NS, "client", {"client_id": "id", "client_secret": "s"})
-    tokens = FakeTokens(RealClock())  # type: ignore[arg-type]
-    runtime = Runtime(Deps(kube=kube, tokens=tokens, clock=now, rand=lambda: 0.0), workers=2)  # type: ignore[arg-type]
-    runtime.start()
-    yield runtime, kube, tokens
-    await runtime.stop(grace=2)
-
-
-async def settle(runtime: Runtime, seconds: float = 0.5) -> None:
-    """Let due passes run and finish."""
-    deadline = asyncio.get_running_loop().time() + 5
-    await asyncio.sleep(seconds)
-    while runtime.inflight and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
+    async with running_runtime(NS) as world:
+        yield world
 
 
 async def test_new_credential_gets_one_pass_and_a_token(rt: Any) -> None:

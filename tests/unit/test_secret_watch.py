@@ -8,7 +8,6 @@ Only the paging case uses a fake CoreV1Api: the emulator ignores ``limit``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
@@ -17,17 +16,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import kmock
 import kubernetes.client
 import pytest
-from fakes import FakeKube, FakeTokens
+from fakes import FakeKube, FakeTokens, running_runtime, settle
 
 from autotek_operator import scheduling, watch
 from autotek_operator.dev.emulator import EmulatorThread
-from autotek_operator.reconcile import Deps
 from autotek_operator.runtime import Runtime
 from autotek_operator.watch import SecretWatch
 
@@ -599,10 +596,6 @@ def test_stop_while_the_watch_request_is_in_flight_ends_the_stream_it_returns() 
 NS = "shop"
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 def credential(**target: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {"clientSecretRef": {"name": "client"}}
     if target:
@@ -613,23 +606,8 @@ def credential(**target: Any) -> dict[str, Any]:
 @pytest.fixture
 async def rt(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Runtime, FakeKube, FakeTokens]]:
     monkeypatch.setattr(scheduling, "FLOOR_SECONDS", 0.2)
-    kube = FakeKube()
-    kube.put_secret(NS, "client", {"client_id": "id", "client_secret": "s"})
-    tokens = FakeTokens(now)  # type: ignore[arg-type]
-    runtime = Runtime(Deps(kube=kube, tokens=tokens, clock=now, rand=lambda: 0.0), workers=2)  # type: ignore[arg-type]
-    runtime.start()
-    yield runtime, kube, tokens
-    # Let a wake-up still pending reach the scheduler first: on Python 3.11, cancelling it in the
-    # same loop iteration as a wake-up is lost in asyncio.wait_for and stop() never returns.
-    await asyncio.sleep(0.05)
-    await runtime.stop(grace=2)
-
-
-async def settle(runtime: Runtime, seconds: float = 0.15) -> None:
-    deadline = asyncio.get_running_loop().time() + 5
-    await asyncio.sleep(seconds)
-    while runtime.inflight and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
+    async with running_runtime(NS) as world:
+        yield world
 
 
 def calls_for(kube: FakeKube, name: str) -> list[str]:
@@ -645,24 +623,24 @@ async def test_a_relist_reports_a_missing_target_as_deleted_and_the_pass_restore
     runtime, kube, tokens = rt
     runtime.secret_scopes = {None}
     runtime.on_credential_event(None, credential())
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert tokens.count == 1 and (NS, "autotek") in kube.secrets
     # The watch lists what is there (our own write included): nothing to do.
     listed = [(None, copy.deepcopy(kube.secrets[k])) for k in ((NS, "client"), (NS, "autotek"))]
     runtime.on_secret_events(listed)
     runtime.on_secrets_listed(None, {(NS, "client"), (NS, "autotek")})
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     passes = runtime.passes
     assert passes == 1 and runtime.listed_scopes == {None}
     # The target is deleted while the watch is down; another namespace's list says nothing of it.
     del kube.secrets[(NS, "autotek")]
     runtime.on_secrets_listed("elsewhere", set())
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert runtime.passes == passes and (NS, "autotek") in runtime.secret_versions
     # The next complete list lacks it: reported deleted, and the pass writes it again.
     runtime.on_secrets_listed(None, {(NS, "client")})
     assert (NS, "autotek") not in runtime.secret_versions and (NS, "client") in runtime.secret_versions
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert runtime.passes == passes + 1
     assert kube.secrets[(NS, "autotek")]["data"]["access_token"] == b64("tok-1")
     assert tokens.count == 1  # the held token, restored: no new one
@@ -694,7 +672,7 @@ async def test_first_pass_reads_the_target_only_when_its_absence_is_not_known(rt
     elif case == "creationPolicy Merge":
         body = credential(creationPolicy="Merge")
     runtime.on_credential_event(None, body)
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert runtime.passes == 1
     if case == "creationPolicy Merge":
         assert calls_for(kube, "autotek") == ["get", "status"] and tokens.count == 0
@@ -711,7 +689,7 @@ async def test_a_target_the_watch_has_not_reported_yet_goes_through_the_conflict
     runtime.secret_scopes, runtime.listed_scopes = {None}, {None}
     foreign = kube.put_secret(NS, "autotek", {"someone": "else"})  # exists, but no event for it yet
     runtime.on_credential_event(None, credential())
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     # Assumed absent: create -> 409 (FakeKube raises kube.Conflict) -> read -> not ours: refused.
     assert calls_for(kube, "autotek") == ["create", "get", "status"]
     assert ready(kube) == ("False", "TargetConflict")
@@ -730,7 +708,7 @@ async def test_our_own_target_the_watch_has_not_reported_yet_is_updated_after_th
     }
     kube.put_secret(NS, "autotek", {"access_token": "stale"}, ownerReferences=[owner])
     runtime.on_credential_event(None, credential())
-    await settle(runtime)
+    await settle(runtime, 0.15, 0.02)
     assert calls_for(kube, "autotek") == ["create", "get", "replace", "status"]
     assert ready(kube)[0] == "True"
     assert kube.secrets[(NS, "autotek")]["data"]["access_token"] == b64("tok-1")
