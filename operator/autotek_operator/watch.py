@@ -109,7 +109,7 @@ class SecretWatch:
                     return
                 started, before = time.monotonic(), version
                 version = self._watch(ns, version)
-                if version != before or time.monotonic() - started >= QUICK_END:
+                if version != before or time.monotonic() - started >= min(QUICK_END, self.timeout / 2):
                     delay = RETRY_MIN
                     failing = self._recovered(failing, where)
                     continue  # the stream ended normally (server timeout): resume from where it was
