@@ -365,11 +365,11 @@ class Runtime:
                     st.client_body = None
                     return False
                 known = st.client.version if st.client is not None else st.issued_client_version
-                if version == known and st.client is not None:
-                    return False  # already read (the pass keeps only the decoded credentials)
-                st.client_body = trim_secret(body)
                 if version == known:
+                    if st.client is None:  # not read yet: the next pass can use this copy
+                        st.client_body = trim_secret(body)
                     return False
+                st.client_body = trim_secret(body)
                 st.client = None
                 st.force_new = "the client Secret changed"
                 return True

@@ -38,11 +38,8 @@ QUICK_END = 1.0
 
 
 class _Expired(Exception):
-    """A 410 ERROR event on the stream: the resourceVersion to resume from is too old; list again."""
-
-
-class _Gone(Exception):
-    """The watch request itself answered 410: the same, before the stream began."""
+    """410 (an answer or an ERROR event on the stream): the resourceVersion to resume from is too
+    old; list again."""
 
 
 class SecretWatch:
@@ -114,7 +111,7 @@ class SecretWatch:
                     failing = self._recovered(failing, where)
                     continue  # the stream ended normally (server timeout): resume from where it was
                 problem = "the watch ended at once"  # e.g. a proxy closing it: do not reconnect in a hot loop
-            except (_Expired, _Gone):
+            except _Expired:
                 log.debug("Secret watch in %s: resourceVersion too old; listing again", where)
                 version = None
                 if not listed:
@@ -138,19 +135,21 @@ class SecretWatch:
             log.info("watching Secrets in %s again", where)
         return None
 
+    def _request(self, ns: str | None, **kw: Any) -> Any:
+        """List (or watch, with ``watch=True``) the Secrets of ``ns`` or of all namespaces; the raw
+        urllib3 response (its JSON is parsed here, not by the client's models)."""
+        if ns:
+            return self.core.list_namespaced_secret(ns, _preload_content=False, **kw)
+        return self.core.list_secret_for_all_namespaces(_preload_content=False, **kw)
+
     def _list(self, ns: str | None) -> str:
         keys: set[Key] = set()
         token: str | None = None
         while True:
-            kw: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
-            kw["_request_timeout"] = (CONNECT_TIMEOUT, 60.0)
+            kw: dict[str, Any] = {"limit": self.page_size, "_request_timeout": (CONNECT_TIMEOUT, 60.0)}
             if token:
                 kw["_continue"] = token
-            if ns:
-                resp: Any = self.core.list_namespaced_secret(ns, **kw)
-            else:
-                resp = self.core.list_secret_for_all_namespaces(**kw)
-            doc = json.loads(resp.data)
+            doc = json.loads(self._request(ns, **kw).data)
             items = doc.get("items") or []
             batch: Batch = []
             for item in items:
@@ -171,19 +170,15 @@ class SecretWatch:
             "watch": True,
             "allow_watch_bookmarks": True,
             "timeout_seconds": self.timeout,
-            "_preload_content": False,
             "_request_timeout": (CONNECT_TIMEOUT, self.timeout + 15),
         }
         if version:
             kw["resource_version"] = version
         try:
-            if ns:
-                resp: Any = self.core.list_namespaced_secret(ns, **kw)
-            else:
-                resp = self.core.list_secret_for_all_namespaces(**kw)
+            resp = self._request(ns, **kw)
         except ApiException as exc:
             if exc.status == 410:
-                raise _Gone() from None
+                raise _Expired() from None
             raise
         with self._lock:
             self._streams[ns] = resp
