@@ -190,22 +190,31 @@ def cluster(emu: EmulatorThread, caplog: pytest.LogCaptureFixture) -> Iterator[C
             assert value not in text and b64(value) not in text, f"a Secret value was logged: {record!r}"
 
 
+def recorded_watch(
+    core: Any, namespaces: Any, timeout: int, page_size: int = watch.PAGE_SIZE
+) -> tuple[SecretWatch, Recorder]:
+    """A SecretWatch (not started) that delivers to a new Recorder."""
+    rec = Recorder()
+    secrets = SecretWatch(
+        core,
+        namespaces,
+        deliver=rec.deliver,
+        on_events=rec.on_events,  # type: ignore[arg-type]
+        on_listed=rec.on_listed,
+        timeout=timeout,
+        page_size=page_size,
+    )
+    return secrets, rec
+
+
 @pytest.fixture
 def start(emu: EmulatorThread, cluster: Cluster) -> Iterator[Callable[..., tuple[SecretWatch, Recorder]]]:
     """Starts a SecretWatch with its own client; stops it (and checks it ended) afterwards."""
     started: list[tuple[SecretWatch, kubernetes.client.ApiClient]] = []
 
     def start_watch(namespaces: tuple[str | None, ...] = (None,), timeout: int = 30) -> tuple[SecretWatch, Recorder]:
-        rec = Recorder()
         api = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=emu.url))
-        secrets = SecretWatch(
-            kubernetes.client.CoreV1Api(api),
-            namespaces,
-            deliver=rec.deliver,
-            on_events=rec.on_events,
-            on_listed=rec.on_listed,
-            timeout=timeout,
-        )
+        secrets, rec = recorded_watch(kubernetes.client.CoreV1Api(api), namespaces, timeout)
         started.append((secrets, api))
         secrets.start()
         return secrets, rec
@@ -480,16 +489,7 @@ class PagedCore:
 @pytest.mark.parametrize("namespace", [None, "a"])
 def test_every_page_is_delivered_and_the_last_pages_version_is_watched(namespace: str | None) -> None:
     core = PagedCore(namespace)
-    rec = Recorder()
-    secrets = SecretWatch(
-        core,
-        [namespace],
-        deliver=rec.deliver,
-        on_events=rec.on_events,  # type: ignore[arg-type]
-        on_listed=rec.on_listed,
-        timeout=77,
-        page_size=2,
-    )
+    secrets, rec = recorded_watch(core, [namespace], timeout=77, page_size=2)
     secrets.start()
     try:
         assert core.watching.wait(5)
@@ -569,16 +569,7 @@ def test_stop_while_the_watch_request_is_in_flight_ends_the_stream_it_returns() 
         return plain(kw)
 
     core._call = slow  # type: ignore[method-assign]
-    rec = Recorder()
-    secrets = SecretWatch(
-        core,
-        [None],
-        deliver=rec.deliver,
-        on_events=rec.on_events,  # type: ignore[arg-type]
-        on_listed=rec.on_listed,
-        timeout=300,
-        page_size=2,
-    )
+    secrets, rec = recorded_watch(core, [None], timeout=300, page_size=2)
     secrets.start()
     assert requested.wait(5)
     stopper = threading.Thread(target=secrets.stop, args=(3.0,))
