@@ -61,6 +61,19 @@ def mib(kib: float) -> float:
 # -- measurements ----------------------------------------------------------------------------------
 
 
+def seed(cluster: bk.Cluster, broker: bk.Broker, name: str, n: int) -> tuple[str, str, float]:
+    """Long-lived tokens; a "bench-warm" namespace with one client Secret (for the sentinel) and
+    namespace ``name`` with N, all known to the broker: (warm, ns, seconds to create the N)."""
+    broker.control(lifetime=LONG_LIFETIME)
+    warm = cluster.create_namespace("bench-warm")
+    clients, _ = cluster.create_client_secrets(warm, 1)
+    broker.add_clients(clients)
+    ns = cluster.create_namespace(name)
+    clients, seed_s = cluster.create_client_secrets(ns, n)
+    broker.add_clients(clients)
+    return warm, ns, seed_s
+
+
 def wait_ready(cluster: bk.Cluster, ns: str, n: int, t0: float, timeout: float) -> dict[str, Any]:
     """Poll until all ``n`` credentials of ``ns`` are Ready; times (from ``t0``) to 50 %, 90 %, 100 %."""
     interval = (0.1 if n <= 1000 else 0.25 if n <= 5000 else 0.5) if cluster.emulated else (0.5 if n <= 1000 else 1.0)
@@ -250,13 +263,7 @@ class Run:
         op: bk.Operator | None = None
         try:
             lifetime = self.rotation_lifetime()
-            broker.control(lifetime=LONG_LIFETIME)
-            warm = cluster.create_namespace("bench-warm")
-            clients, _ = cluster.create_client_secrets(warm, 1)
-            broker.add_clients(clients)
-            ns = cluster.create_namespace("bench-op")
-            clients, seed_s = cluster.create_client_secrets(ns, n)
-            broker.add_clients(clients)
+            warm, ns, seed_s = seed(cluster, broker, "bench-op", n)
             log(f"N={n} operator run: client Secrets created in {seed_s:.2f}s; rotation lifetime {lifetime:.0f}s")
 
             op = bk.Operator(cluster, broker, self.workdir / "operator-1.log")
@@ -586,13 +593,7 @@ class Run:
         spy: subprocess.Popen[bytes] | None = None
         out: dict[str, Any] = {"py_spy": bool(pyspy)}
         try:
-            broker.control(lifetime=LONG_LIFETIME)
-            warm = cluster.create_namespace("bench-warm")
-            clients, _ = cluster.create_client_secrets(warm, 1)
-            broker.add_clients(clients)
-            ns = cluster.create_namespace("bench-prof")
-            clients, _ = cluster.create_client_secrets(ns, n)
-            broker.add_clients(clients)
+            warm, ns, _ = seed(cluster, broker, "bench-prof", n)
             census_out = self.workdir / "census.json"
             op = bk.Operator(
                 cluster,
