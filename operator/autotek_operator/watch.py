@@ -121,6 +121,8 @@ class SecretWatch:
                 problem = f"HTTP {exc.status} {exc.reason or ''}".strip()
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 problem = type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - anything else (a malformed event): the thread must live on
+                problem = f"unexpected {type(exc).__name__}"
             if self._stop.is_set():
                 return
             if problem != failing:  # once per distinct problem, not once per retry

@@ -385,6 +385,30 @@ def test_a_watch_that_ends_at_once_backs_off_instead_of_reconnecting_in_a_loop(
     assert counts(emu, LIST) == 0  # resumed from where it was, not listed again
 
 
+def test_a_malformed_event_does_not_end_the_watch_thread(
+    emu: EmulatorThread, cluster: Cluster, start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster.put("a", "s1")
+    secrets, rec = start((None,), timeout=2)
+    rec.wait("the list", rec.listed)
+    sent: list[int] = []
+
+    def malformed(request: kmock.Request) -> Any:
+        if request.params.get("watch") != "true" or sent:
+            return NotImplemented
+        sent.append(1)
+        return kmock.Response(status=200, payload={"type": "ADDED", "object": ["not", "an", "object"]})
+
+    emu.emulator["get /api/v1/secrets"] << malformed
+    rec.wait("the malformed event sent", lambda: sent, timeout=5)
+    later = cluster.put("a", "after")
+    rec.wait("events again", rec.watched, timeout=8)
+    assert rec.watched() == [("ADDED", "a", "after", later)]
+    assert all(t.is_alive() for t in secrets._threads)
+    warned = warnings_logged(caplog)
+    assert len(warned) == 1 and "unexpected AttributeError" in warned[0]
+
+
 def test_one_warning_per_distinct_problem_then_again(
     emu: EmulatorThread, cluster: Cluster, start: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any
 ) -> None:
