@@ -110,9 +110,16 @@ def run_demo(*, lifetime: int = 30, rotations: int = 0) -> int:
             return _watch(core, custom, rotations, operator)
         except KeyboardInterrupt:
             _say("interrupted")
+            # Ctrl-C reached the operator too (same process group) and it is stopping: a SIGTERM
+            # on top would make kopf stop twice. Terminate it only if it has not stopped by itself.
+            try:
+                operator.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             return 0
         finally:
-            operator.terminate()
+            if operator.poll() is None:
+                operator.terminate()
             try:
                 operator.wait(timeout=15)
             except subprocess.TimeoutExpired:
