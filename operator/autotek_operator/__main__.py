@@ -23,12 +23,12 @@ def run(settings: config_mod.Settings) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
-    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    # The probes (/healthz, /readyz) are served by handlers.startup, not kopf's liveness endpoint.
     kopf.run(
         standalone=True,
         clusterwide=settings.clusterwide,
         namespaces=list(settings.namespaces),
-        liveness_endpoint=liveness,
+        identity=handlers.identity(),  # type: ignore[arg-type]
     )
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -19,6 +20,8 @@ class Settings:
     allowed_token_urls: tuple[str, ...] = c.DEFAULT_ALLOWED_TOKEN_URLS
     #: AUTOTEK_NAMESPACES: comma-separated namespaces to watch; empty means all namespaces.
     namespaces: tuple[str, ...] = ()
+    #: AUTOTEK_CREDENTIAL_SELECTOR: a label selector the API server applies to the credential watch.
+    credential_selector: str = ""
     #: AUTOTEK_LOG_FORMAT: text or json.
     log_format: str = "text"
     #: AUTOTEK_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
@@ -54,6 +57,7 @@ class Settings:
 ENV = {
     "allowed_token_urls": "AUTOTEK_ALLOWED_TOKEN_URLS",
     "namespaces": "AUTOTEK_NAMESPACES",
+    "credential_selector": "AUTOTEK_CREDENTIAL_SELECTOR",
     "log_format": "AUTOTEK_LOG_FORMAT",
     "log_level": "AUTOTEK_LOG_LEVEL",
     "health_port": "AUTOTEK_HEALTH_PORT",
@@ -68,6 +72,34 @@ ENV = {
     "leader_election_namespace": "AUTOTEK_LEADER_ELECTION_NAMESPACE",
     "leader_election_id": "AUTOTEK_LEADER_ELECTION_ID",
 }
+
+
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}")
+_VALUE = re.compile(rf"({_NAME})?")
+_SET_TERM = re.compile(r"(\S+)\s+(in|notin)\s+\(([^()]*)\)")
+_EQ_TERM = re.compile(r"(\S+?)\s*(==|!=|=)\s*(\S*)")
+_EXISTS_TERM = re.compile(r"(!?)\s*(\S+)")
+
+
+def check_label_selector(selector: str) -> str:
+    """Return a label selector in ``kubectl -l`` syntax if it is well-formed; else ConfigError."""
+    for term in re.split(r",(?![^()]*\))", selector):
+        term = term.strip()
+        if m := _SET_TERM.fullmatch(term):
+            key, values = m[1], [v.strip() for v in m[3].split(",")]
+        elif m := _EQ_TERM.fullmatch(term):
+            key, values = m[1], [m[3]]
+        elif m := _EXISTS_TERM.fullmatch(term):
+            key, values = m[2], []
+        else:
+            raise ConfigError(f"AUTOTEK_CREDENTIAL_SELECTOR: cannot parse {term!r} (e.g. team=shop,tier in (a,b),!old)")
+        if not _KEY.fullmatch(key):
+            raise ConfigError(f"AUTOTEK_CREDENTIAL_SELECTOR: {key!r} is not a valid label key")
+        for value in values:
+            if not _VALUE.fullmatch(value):
+                raise ConfigError(f"AUTOTEK_CREDENTIAL_SELECTOR: {value!r} is not a valid label value")
+    return selector
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -105,6 +137,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         values["allowed_token_urls"] = urls
     if raw["namespaces"]:
         values["namespaces"] = _list(raw["namespaces"])
+    if raw["credential_selector"]:
+        values["credential_selector"] = check_label_selector(raw["credential_selector"])
     if raw["log_format"]:
         if raw["log_format"] not in ("text", "json"):
             raise ConfigError(f"AUTOTEK_LOG_FORMAT must be text or json, not {raw['log_format']!r}")

@@ -1,10 +1,12 @@
-"""The kopf layer, kept thin: watch events in, the runtime does the rest.
+"""The kopf layer, kept thin: start-up and shutdown; the watches and the runtime do the rest.
 
-kopf watches the AutoTekCredentials. Only ``@kopf.on.event`` handlers are used, so kopf adds no
-finalizers and writes nothing to the objects itself; the runtime posts status and Events
-explicitly. Secrets are watched by ``watch.SecretWatch`` instead: every Secret in the watched
-namespaces comes through that watch, and kopf's per-object memory and per-event machinery would
-cost more than all the operator's own work. This is also the only place that reads the real
+kopf runs the process: signals, the event loop, the start-up and cleanup activities. The
+AutoTekCredentials and the Secrets are listed and watched by ``watch.py``: every Secret in the
+watched namespaces comes through its watch, where kopf's per-object memory and per-event
+machinery would cost more than all the operator's own work; and the credential watch must tell
+readiness when its list is complete and carry the operator's label selector to the API server,
+neither of which kopf's handlers see. kopf adds no finalizers and writes nothing to the objects;
+the runtime posts status and Events explicitly. This is also the only place that reads the real
 clock and the random source.
 """
 
@@ -19,45 +21,35 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp.web
 import kopf
-from kubernetes.client import CoreV1Api
+from kubernetes.client import CoreV1Api, CustomObjectsApi
 
 from . import constants as c
-from . import kube, metrics
+from . import health, kube, metrics
 from .config import Settings
-from .leader import LeaderElector
+from .leader import FOLLOWING, LEADING, LeaderElector
 from .reconcile import Deps
 from .runtime import Runtime
 from .token_client import SharedTokens, TokenClient
-from .watch import SecretWatch
+from .watch import CredentialWatch, ListWatch, SecretWatch
 
 log = logging.getLogger("autotek_operator")
 
-#: (group, version, plural) of every resource listed and watched (credentials by kopf, Secrets by
+#: (group, version, plural) of every resource listed and watched (by watch.CredentialWatch and
 #: watch.SecretWatch); the RBAC test grants list+watch for exactly these (plus kube.API_CALLS).
 WATCHED = ((c.GROUP, c.VERSION, c.PLURAL), ("", "v1", "secrets"))
-
-
-class _NoDiffBase(kopf.DiffBaseStorage):
-    """Keeps no "last handled" state: with only ``on.event`` handlers kopf never diffs, but it
-    would still deep-copy every object on every event to build the diff base."""
-
-    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        return kopf.BodyEssence()
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        return None
-
-    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        return None
 
 
 class _Holder:
     settings: Settings = Settings()
     runtime: Runtime | None = None
-    secrets: SecretWatch | None = None
+    watches: tuple[ListWatch, ...] = ()
     elector: LeaderElector | None = None
     election: asyncio.Task[None] | None = None
+    #: The last leader-election round's result (None before the first; always "leading" without election).
+    election_result: str | None = None
+    probes: aiohttp.web.AppRunner | None = None
 
 
 STATE = _Holder()
@@ -71,16 +63,38 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def identity() -> str:
+    """This replica's name in the Lease and to kopf: the pod's name, else host and process id.
+
+    Given to kopf explicitly: kopf would otherwise ask the password database for the user name,
+    which fails for a uid that has no entry there (as the image's 65532 has none)."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def live() -> tuple[bool, dict[str, Any]]:
+    """Liveness: the event loop answers (or this would not run) and the scheduler runs."""
+    runtime = STATE.runtime
+    if runtime is None:
+        return True, {"starting": True}
+    return runtime.running(), runtime.stats()
+
+
+def ready() -> tuple[bool, dict[str, Any]]:
+    """Readiness: every watch has listed its namespaces, and leader election has an answer."""
+    runtime = STATE.runtime
+    checks = {
+        "watches": runtime is not None and runtime.watches_listed(),
+        "leaderElection": STATE.election_result in (LEADING, FOLLOWING),
+    }
+    return all(checks.values()), {**checks, "role": STATE.election_result or "unknown"}
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     s = STATE.settings
-    settings.watching.server_timeout = s.watch_timeout
-    settings.watching.client_timeout = s.watch_timeout + 15
-    settings.watching.connect_timeout = 10
     settings.posting.enabled = False  # Events are posted by the runtime, one per outcome
-    # The watched resources are fixed: no need to watch CRDs or namespaces (nor the RBAC for it).
+    # kopf watches nothing itself: no need to scan for CRDs or namespaces (nor the RBAC for it).
     settings.scanning.disabled = True
-    settings.persistence.diffbase_storage = _NoDiffBase()
     api = kube.load_api_client(pool_size=s.workers + 4)
     tokens = TokenClient(
         allowed_prefixes=s.allowed_token_urls,
@@ -97,36 +111,54 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rollout_restart=s.rollout_restart,
         restart_min_interval=float(s.restart_min_interval),
     )
-    STATE.runtime = Runtime(deps, workers=s.workers)
+    runtime = STATE.runtime = Runtime(deps, workers=s.workers)
+    runtime.confirm_deletions = bool(s.credential_selector)
     if s.leader_election:
-        STATE.runtime.active = False
+        runtime.active = False
         STATE.elector = LeaderElector(
             api=deps.kube,
             namespace=s.leader_election_namespace,
             name=s.leader_election_id,
-            identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            identity=identity(),
             clock=utcnow,
             monotonic=time.monotonic,
         )
-        STATE.election = asyncio.create_task(_elect(STATE.elector, STATE.runtime), name="autotek-election")
-    STATE.runtime.start()
+        STATE.election = asyncio.create_task(_elect(STATE.elector, runtime), name="autotek-election")
+    else:
+        STATE.election_result = LEADING
+    runtime.start()
     scopes: tuple[str | None, ...] = tuple(s.namespaces) or (None,)
-    STATE.runtime.secret_scopes = set(scopes)
-    loop = asyncio.get_running_loop()
-    STATE.secrets = SecretWatch(
-        CoreV1Api(kube.load_api_client(pool_size=len(scopes))),
-        scopes,
-        deliver=loop.call_soon_threadsafe,
-        on_events=STATE.runtime.on_secret_events,
-        on_listed=STATE.runtime.on_secrets_listed,
-        timeout=s.watch_timeout,
+    runtime.secret_scopes = set(scopes)
+    # One connection per watch thread, apart from the workers' pool.
+    watch_api = kube.load_api_client(pool_size=2 * len(scopes))
+    common: dict[str, Any] = {"deliver": asyncio.get_running_loop().call_soon_threadsafe, "timeout": s.watch_timeout}
+    STATE.watches = (
+        CredentialWatch(
+            CustomObjectsApi(watch_api),
+            scopes,
+            on_events=runtime.on_credential_events,
+            on_listed=runtime.on_credentials_listed,
+            label_selector=s.credential_selector,
+            **common,
+        ),
+        SecretWatch(
+            CoreV1Api(watch_api),
+            scopes,
+            on_events=runtime.on_secret_events,
+            on_listed=runtime.on_secrets_listed,
+            **common,
+        ),
     )
-    STATE.secrets.start()
-    metrics.report_credentials(STATE.runtime.credential_samples)
+    for watch in STATE.watches:
+        watch.start()
+    metrics.report_credentials(runtime.credential_samples)
     metrics.serve(s.metrics_port)
+    if s.health_port:
+        STATE.probes = await health.serve(s.health_port, live=live, ready=ready)
     log.info(
-        "autotek-operator started: %s, token URLs allowed under %s",
+        "autotek-operator started: %s%s, token URLs allowed under %s",
         "all namespaces" if s.clusterwide else "namespaces " + ",".join(s.namespaces),
+        f", credentials selected by {s.credential_selector!r}" if s.credential_selector else "",
         ", ".join(s.allowed_token_urls),
     )
 
@@ -148,6 +180,7 @@ async def _elect(elector: LeaderElector, runtime: Runtime) -> None:
     try:
         while True:
             result = await asyncio.to_thread(elector.try_acquire_or_renew)
+            STATE.election_result = result
             runtime.set_active(elector.still_leading(result))
             await asyncio.sleep(elector.retry_period)
     finally:
@@ -158,21 +191,14 @@ async def _elect(elector: LeaderElector, runtime: Runtime) -> None:
 async def cleanup(**_: Any) -> None:
     if STATE.election is not None:
         STATE.election.cancel()
-    if STATE.secrets is not None:
-        await asyncio.to_thread(STATE.secrets.stop)
+    if STATE.probes is not None:
+        await STATE.probes.cleanup()
+    for watch in STATE.watches:
+        watch.stop_soon()
+    for watch in STATE.watches:
+        await asyncio.to_thread(watch.stop)
     if STATE.runtime is not None:
         await STATE.runtime.stop()
     if STATE.elector is not None and STATE.runtime is not None and STATE.runtime.active:
         await asyncio.to_thread(STATE.elector.release)
     log.info("autotek-operator stopped")
-
-
-@kopf.on.event(*WATCHED[0])
-async def credential_event(event: kopf.RawEvent, **_: Any) -> None:
-    if STATE.runtime is not None:
-        STATE.runtime.on_credential_event(event.get("type"), event["object"])
-
-
-@kopf.on.probe(id="credentials")
-def probe(**_: Any) -> dict[str, int]:
-    return STATE.runtime.stats() if STATE.runtime is not None else {}

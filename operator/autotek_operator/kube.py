@@ -14,10 +14,11 @@ import secrets as _random
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import kubernetes
 import urllib3
-from kubernetes.client import ApiClient, AppsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from . import constants as c
@@ -31,7 +32,6 @@ OPTIONAL_API_CALLS: dict[str, set[tuple[str, str, str]]] = {}
 
 #: The workload kinds spec.rolloutRestartTargets may name, and their resources in apps/v1.
 WORKLOADS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "DaemonSet": "daemonsets"}
-_CLIENT_NAMES = {"Deployment": "deployment", "StatefulSet": "stateful_set", "DaemonSet": "daemon_set"}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -87,117 +87,149 @@ def load_api_client(pool_size: int = 16) -> ApiClient:
     return ApiClient(configuration=config)
 
 
-def _is_404(exc: ApiException) -> bool:
-    return bool(exc.status == 404)
-
-
+JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 
 
-def _call(fn: Callable[..., Any], *args: Any, timeout: tuple[float, float] = REQUEST_TIMEOUT, **kw: Any) -> Any:
-    """Call a client method for its raw JSON answer (bodies go out as plain dicts)."""
-    return _json(fn(*args, _preload_content=False, _request_timeout=timeout, **kw))
+def _path(*parts: str) -> str:
+    return "/" + "/".join(quote(p, safe="") for p in parts)
 
 
-def _call_or_none(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Like _call, but None when the object does not exist (404)."""
+def request(
+    api_client: ApiClient,
+    method: str,
+    path: str,
+    body: Mapping[str, Any] | None = None,
+    *,
+    content_type: str = JSON,
+    query: Mapping[str, str] | None = None,
+    timeout: tuple[float, float] = REQUEST_TIMEOUT,
+) -> Any:
+    """One API call with a plain JSON body, answered with plain JSON.
+
+    The client's typed API methods turn a dict body into their model first and write it out
+    again, which loses what the model cannot hold (a MicroTime's zero fraction, unknown fields):
+    the body built here is the body the API server receives. Auth comes from the client's
+    configuration, as for its own calls (including token refresh)."""
+    headers = {"Accept": JSON}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    verb, url, headers, _, _ = api_client.param_serialize(
+        method, path, query_params=list((query or {}).items()), header_params=headers, auth_settings=["BearerToken"]
+    )
+    resp = api_client.call_api(verb, url, headers, dict(body) if body is not None else None, _request_timeout=timeout)
+    resp.read()  # type: ignore[no-untyped-call]
+    if not 200 <= resp.status <= 299:
+        raise ApiException(http_resp=resp)
+    return _json(resp)
+
+
+def _request_or_none(api_client: ApiClient, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+    """Like request, but None when the object does not exist (404)."""
     try:
-        return _call(fn, *args, **kw)
+        return request(api_client, method, path, body, **kw)
     except ApiException as exc:
-        if _is_404(exc):
+        if exc.status == 404:
             return None
         raise
+
+
+def _secrets(namespace: str, *name: str) -> str:
+    return _path("api", "v1", "namespaces", namespace, "secrets", *name)
+
+
+def _leases(namespace: str, *name: str) -> str:
+    return _path("apis", "coordination.k8s.io", "v1", "namespaces", namespace, "leases", *name)
+
+
+def _credentials(namespace: str, *rest: str) -> str:
+    return _path("apis", c.GROUP, c.VERSION, "namespaces", namespace, c.PLURAL, *rest)
 
 
 class Kube:
     """The operator's Kubernetes calls, blocking; run them from worker threads.
 
-    409 answers leave as ``Conflict`` (see ``api_call``), 404 as None where that is meaningful."""
+    Every body goes out as the plain JSON built here (see ``request``). 409 answers leave as
+    ``Conflict`` (see ``api_call``), 404 as None where that is meaningful."""
 
     def __init__(self, api_client: ApiClient) -> None:
         self.api_client = api_client
-        self.core = CoreV1Api(api_client)
-        self.custom = CustomObjectsApi(api_client)
-        self.coordination = CoordinationV1Api(api_client)
-        self.apps = AppsV1Api(api_client)
 
     @api_call("", "secrets", "get")
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        result: dict[str, Any] | None = _call_or_none(self.core.read_namespaced_secret, name, namespace)
+        result: dict[str, Any] | None = _request_or_none(self.api_client, "GET", _secrets(namespace, name))
         return result
 
     @api_call("", "secrets", "create")
     def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = _call(self.core.create_namespaced_secret, namespace, body)
+        result: dict[str, Any] = request(self.api_client, "POST", _secrets(namespace), body)
         return result
 
     @api_call("", "secrets", "update")
     def replace_secret(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = _call(self.core.replace_namespaced_secret, name, namespace, body)
+        result: dict[str, Any] = request(self.api_client, "PUT", _secrets(namespace, name), body)
         return result
 
     @api_call("", "secrets", "patch")
     def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
-        result: dict[str, Any] | None = _call_or_none(
-            self.core.patch_namespaced_secret, name, namespace, patch, _content_type=MERGE_PATCH
+        result: dict[str, Any] | None = _request_or_none(
+            self.api_client, "PATCH", _secrets(namespace, name), patch, content_type=MERGE_PATCH
         )
         return result
 
     @api_call("", "secrets", "delete")
     def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
-        body = {"preconditions": {"uid": uid}} if uid else {}
+        body = {"preconditions": {"uid": uid}} if uid else None
         try:
-            _call_or_none(self.core.delete_namespaced_secret, name, namespace, body=body)
+            _request_or_none(self.api_client, "DELETE", _secrets(namespace, name), body)
         except ApiException as exc:
             if exc.status != 409:  # 409: the uid changed, i.e. someone else's Secret now
                 raise
 
     @api_call("coordination.k8s.io", "leases", "get")
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        result: dict[str, Any] | None = _call_or_none(
-            self.coordination.read_namespaced_lease, name, namespace, timeout=LEASE_TIMEOUT
+        result: dict[str, Any] | None = _request_or_none(
+            self.api_client, "GET", _leases(namespace, name), timeout=LEASE_TIMEOUT
         )
         return result
 
     @api_call("coordination.k8s.io", "leases", "create")
     def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = _call(
-            self.coordination.create_namespaced_lease, namespace, body, timeout=LEASE_TIMEOUT
-        )
+        result: dict[str, Any] = request(self.api_client, "POST", _leases(namespace), body, timeout=LEASE_TIMEOUT)
         return result
 
     @api_call("coordination.k8s.io", "leases", "update")
     def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = _call(
-            self.coordination.replace_namespaced_lease, name, namespace, body, timeout=LEASE_TIMEOUT
-        )
+        result: dict[str, Any] = request(self.api_client, "PUT", _leases(namespace, name), body, timeout=LEASE_TIMEOUT)
         return result
 
     @api_call("apps", tuple(WORKLOADS.values()), "get", feature="rollout-restart")
     def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        read = getattr(self.apps, f"read_namespaced_{_CLIENT_NAMES[kind]}")
-        result: dict[str, Any] | None = _call_or_none(read, name, namespace)
+        path = _path("apis", "apps", "v1", "namespaces", namespace, WORKLOADS[kind], name)
+        result: dict[str, Any] | None = _request_or_none(self.api_client, "GET", path)
         return result
 
     @api_call("apps", tuple(WORKLOADS.values()), "patch", feature="rollout-restart")
     def restart_workload(self, kind: str, namespace: str, name: str, when: str) -> bool:
         """Bump the pod template's restartedAt annotation, as ``kubectl rollout restart`` does."""
-        patch = getattr(self.apps, f"patch_namespaced_{_CLIENT_NAMES[kind]}")
+        path = _path("apis", "apps", "v1", "namespaces", namespace, WORKLOADS[kind], name)
         body = {"spec": {"template": {"metadata": {"annotations": {c.ANN_RESTARTED_AT: when}}}}}
-        return _call_or_none(patch, name, namespace, body, _content_type=MERGE_PATCH) is not None
+        return _request_or_none(self.api_client, "PATCH", path, body, content_type=MERGE_PATCH) is not None
+
+    @api_call(c.GROUP, c.PLURAL, "get")
+    def get_credential(self, namespace: str, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = _request_or_none(self.api_client, "GET", _credentials(namespace, name))
+        return result
 
     @api_call(c.GROUP, f"{c.PLURAL}/status", "patch")
     def patch_credential_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         # 404: deleted meanwhile, nothing to report on.
-        _call_or_none(
-            self.custom.patch_namespaced_custom_object_status,
-            c.GROUP,
-            c.VERSION,
-            namespace,
-            c.PLURAL,
-            name,
+        _request_or_none(
+            self.api_client,
+            "PATCH",
+            _credentials(namespace, name, "status"),
             {"status": dict(status)},
-            _content_type=MERGE_PATCH,
+            content_type=MERGE_PATCH,
         )
 
     @api_call("", "events", "create")
@@ -234,7 +266,7 @@ class Kube:
             "reportingComponent": c.MANAGER,
             "reportingInstance": c.MANAGER,
         }
-        _call(self.core.create_namespaced_event, namespace, body)
+        request(self.api_client, "POST", _path("api", "v1", "namespaces", namespace, "events"), body)
 
 
 def _json(resp: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import constants as c
 from . import metrics
+from .errors import AutoTekError
 from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
 from .status import find_condition
 from .target import trim_secret
@@ -59,6 +60,11 @@ class Runtime:
         #: every watched scope is, a Secret missing from ``secret_versions`` is known not to exist.
         self.secret_scopes: set[str | None] = set()
         self.listed_scopes: set[str | None] = set()
+        #: Namespaces (None: all) whose credentials have been listed completely at least once.
+        self.listed_credential_scopes: set[str | None] = set()
+        #: True while a label selector scopes the credential watch: a DELETED event may then mean
+        #: "no longer selected", so a deletion is confirmed by a read before anything is cleaned up.
+        self.confirm_deletions = False
         self.inflight: set[Key] = set()
         self.pending: dict[Key, list[Change]] = {}
         #: Credentials deleted while their pass ran: clean up again once it has finished, since
@@ -94,6 +100,15 @@ class Runtime:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def running(self) -> bool:
+        """Whether the scheduler loop is alive (started and not ended)."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def watches_listed(self) -> bool:
+        """Whether the credentials and Secrets of every watched namespace have been listed."""
+        scopes = self.secret_scopes
+        return bool(scopes) and scopes <= self.listed_scopes and scopes <= self.listed_credential_scopes
 
     def set_active(self, active: bool) -> None:
         """Lead (run passes) or follow (only keep watch state warm)."""
@@ -191,7 +206,7 @@ class Runtime:
             if self.states.get(key) is not live:
                 deleted = self._cleanup_after.pop(key, None)
                 if deleted is not None:
-                    await loop.run_in_executor(self._executor, cleanup_deleted, deleted, self.deps)
+                    await loop.run_in_executor(self._executor, self._cleanup, deleted)
                 return  # deleted (or deleted and re-created) while the pass ran
             self.states[key] = result
             rerun = False
@@ -250,6 +265,35 @@ class Runtime:
 
     # -- events ------------------------------------------------------------------------------
 
+    def on_credential_events(self, batch: list[tuple[str | None, dict[str, Any]]]) -> None:
+        for event_type, body in batch:
+            self.on_credential_event(event_type, body)
+
+    def on_credentials_listed(self, namespace: str | None, keys: set[Key]) -> None:
+        """A complete list of the selected credentials in ``namespace`` (None: all). One held but
+        not listed was deleted or stopped being selected while the watch was down: forget it
+        (an owned Secret of a deleted credential is garbage-collected through its owner reference)."""
+        gone = [k for k in self.states if (namespace is None or k[0] == namespace) and k not in keys]
+        for key in gone:
+            log.info("%s/%s: no longer listed (deleted, or no longer selected); forgotten", key[0], key[1])
+            self._forget(key)
+        self.listed_credential_scopes.add(namespace)
+
+    def _cleanup(self, body: Mapping[str, Any]) -> None:
+        """Apply the deletion policy of a credential that is gone (worker thread)."""
+        if self.confirm_deletions:
+            meta = body.get("metadata") or {}
+            ns, name = meta.get("namespace", ""), meta.get("name", "")
+            try:
+                current = self.deps.kube.get_credential(ns, name)
+            except AutoTekError as exc:
+                log.warning("%s/%s: deletion not confirmed (%s); its Secrets are left alone", ns, name, exc.message)
+                return
+            if current is not None and (current.get("metadata") or {}).get("uid") == meta.get("uid"):
+                log.info("%s/%s: no longer selected by this operator; left as it is", ns, name)
+                return
+        cleanup_deleted(body, self.deps)
+
     def on_credential_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -259,7 +303,7 @@ class Runtime:
                 return  # the leader cleans up
             if key in self.inflight:
                 self._cleanup_after[key] = body
-            task = asyncio.get_running_loop().run_in_executor(self._executor, cleanup_deleted, body, self.deps)
+            task = asyncio.get_running_loop().run_in_executor(self._executor, self._cleanup, body)
             self._tasks.add(asyncio.ensure_future(task))
             return
         if meta.get("deletionTimestamp"):

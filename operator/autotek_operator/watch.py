@@ -1,13 +1,16 @@
-"""Secrets are listed and watched here, not through kopf.
+"""Credentials and Secrets are listed and watched here, not through kopf.
 
 Every Secret in the watched namespaces comes through this watch, though only the few that
 credentials name matter. kopf would keep a per-object memory for each of them and run its
 per-event handler machinery for each event; here one thread per namespace (one for the whole
-cluster) lists the Secrets page by page, then watches from the list's resourceVersion, parses
+cluster) lists the objects page by page, then watches from the list's resourceVersion, parses
 each event with ``json`` and hands the events to the runtime in batches, on the event loop.
+Credentials come through the same machinery, with the operator's label selector applied by the
+API server: the end of each complete list is what readiness waits for, and an object that
+leaves the selection arrives as DELETED, which the runtime tells apart from a deletion.
 
 Like an informer: a 410 (the resourceVersion is too old) or a failed resume leads to a new
-list, after which Secrets missing from it are reported as deleted; a dropped stream resumes
+list, after which objects missing from it are reported through ``on_listed``; a dropped stream resumes
 from the last resourceVersion seen; errors back off from 1 s to 30 s, never in a hot loop.
 """
 
@@ -21,13 +24,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import urllib3
-from kubernetes.client import CoreV1Api
+from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
+
+from . import constants as c
 
 log = logging.getLogger("autotek_operator")
 
 Key = tuple[str, str]
-#: (event type or None for a listed object, the Secret as the API sent it)
+#: (event type or None for a listed object, the object as the API sent it)
 Batch = list[tuple[str | None, dict[str, Any]]]
 
 PAGE_SIZE = 500
@@ -42,16 +47,18 @@ class _Expired(Exception):
     old; list again."""
 
 
-class SecretWatch:
-    """Lists, then watches Secrets in each namespace (``None``: the whole cluster).
+class ListWatch:
+    """Lists, then watches one kind of object in each namespace (``None``: the whole cluster).
 
     ``on_events(batch)`` gets each batch of events in order; ``on_listed(namespace, keys)`` comes
     after each complete list with the keys it held. Both are called through ``deliver`` (the
-    event loop's ``call_soon_threadsafe``), so they run on the loop, never concurrently."""
+    event loop's ``call_soon_threadsafe``), so they run on the loop, never concurrently.
+    Subclasses say what is listed (``what``, ``_request``)."""
+
+    what = "objects"
 
     def __init__(
         self,
-        core: CoreV1Api,
         namespaces: Sequence[str | None],
         *,
         deliver: Callable[..., Any],
@@ -59,8 +66,9 @@ class SecretWatch:
         on_listed: Callable[[str | None, set[Key]], None],
         timeout: int = 300,
         page_size: int = PAGE_SIZE,
+        label_selector: str = "",
     ) -> None:
-        self.core = core
+        self.label_selector = label_selector
         self.namespaces = tuple(dict.fromkeys(namespaces))  # one thread per namespace, even if repeated
         self.deliver = deliver
         self.on_events = on_events
@@ -74,16 +82,21 @@ class SecretWatch:
 
     def start(self) -> None:
         for ns in self.namespaces:
-            thread = threading.Thread(target=self._run, args=(ns,), name=f"autotek-secrets-{ns or 'all'}", daemon=True)
+            name = f"autotek-{self.what.lower()}-{ns or 'all'}"
+            thread = threading.Thread(target=self._run, args=(ns,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, wait: float = 2.0) -> None:
+    def stop_soon(self) -> None:
+        """Ask the threads to stop and end their streams, without waiting for them."""
         self._stop.set()
         with self._lock:
             streams = list(self._streams.values())
         for resp in streams:
             _shutdown(resp)
+
+    def stop(self, wait: float = 2.0) -> None:
+        self.stop_soon()
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -112,7 +125,7 @@ class SecretWatch:
                     continue  # the stream ended normally (server timeout): resume from where it was
                 problem = "the watch ended at once"  # e.g. a proxy closing it: do not reconnect in a hot loop
             except _Expired:
-                log.debug("Secret watch in %s: resourceVersion too old; listing again", where)
+                log.debug("%s watch in %s: resourceVersion too old; listing again", self.what, where)
                 version = None
                 if not listed:
                     continue
@@ -126,29 +139,29 @@ class SecretWatch:
             if self._stop.is_set():
                 return
             if problem != failing:  # once per distinct problem, not once per retry
-                log.warning("watching Secrets in %s failed (%s); retrying with backoff", where, problem)
+                log.warning("watching %s in %s failed (%s); retrying with backoff", self.what, where, problem)
                 failing = problem
             self._stop.wait(delay)
             delay = min(RETRY_MAX, delay * 2)
 
-    @staticmethod
-    def _recovered(failing: str | None, where: str) -> None:
+    def _recovered(self, failing: str | None, where: str) -> str | None:
+        """Log the recovery from ``failing`` (if any); the new failure state, None."""
         if failing:
-            log.info("watching Secrets in %s again", where)
+            log.info("watching %s in %s again", self.what, where)
         return None
 
     def _request(self, ns: str | None, **kw: Any) -> Any:
-        """List (or watch, with ``watch=True``) the Secrets of ``ns`` or of all namespaces; the raw
+        """List (or watch, with ``watch=True``) the objects of ``ns`` or of all namespaces; the raw
         urllib3 response (its JSON is parsed here, not by the client's models)."""
-        if ns:
-            return self.core.list_namespaced_secret(ns, _preload_content=False, **kw)
-        return self.core.list_secret_for_all_namespaces(_preload_content=False, **kw)
+        raise NotImplementedError
 
     def _list(self, ns: str | None) -> str:
         keys: set[Key] = set()
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"limit": self.page_size, "_request_timeout": (CONNECT_TIMEOUT, 60.0)}
+            if self.label_selector:
+                kw["label_selector"] = self.label_selector
             if token:
                 kw["_continue"] = token
             doc = json.loads(self._request(ns, **kw).data)
@@ -174,6 +187,8 @@ class SecretWatch:
             "timeout_seconds": self.timeout,
             "_request_timeout": (CONNECT_TIMEOUT, self.timeout + 15),
         }
+        if self.label_selector:
+            kw["label_selector"] = self.label_selector
         if version:
             kw["resource_version"] = version
         try:
@@ -209,6 +224,38 @@ class SecretWatch:
                 self._streams.pop(ns, None)
             resp.release_conn()
         return version
+
+
+class SecretWatch(ListWatch):
+    """Every Secret in the watched namespaces."""
+
+    what = "Secrets"
+
+    def __init__(self, core: CoreV1Api, namespaces: Sequence[str | None], **kw: Any) -> None:
+        super().__init__(namespaces, **kw)
+        self.core = core
+
+    def _request(self, ns: str | None, **kw: Any) -> Any:
+        if ns:
+            return self.core.list_namespaced_secret(ns, _preload_content=False, **kw)
+        return self.core.list_secret_for_all_namespaces(_preload_content=False, **kw)
+
+
+class CredentialWatch(ListWatch):
+    """The AutoTekCredentials in the watched namespaces that the label selector selects."""
+
+    what = "credentials"
+
+    def __init__(self, custom: CustomObjectsApi, namespaces: Sequence[str | None], **kw: Any) -> None:
+        super().__init__(namespaces, **kw)
+        self.custom = custom
+
+    def _request(self, ns: str | None, **kw: Any) -> Any:
+        if ns:
+            return self.custom.list_namespaced_custom_object(
+                c.GROUP, c.VERSION, ns, c.PLURAL, _preload_content=False, **kw
+            )
+        return self.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL, _preload_content=False, **kw)
 
 
 def _shutdown(resp: Any) -> None:

@@ -77,6 +77,13 @@ _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _SET_TERM = re.compile(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)")
 _EQ_TERM = re.compile(r"(!?)([^=!\s]+)\s*(?:(==|=|!=)\s*(\S*))?")
 _FIELD_TERM = re.compile(r"metadata\.(name|namespace)\s*(==|=|!=)\s*(\S*)")
+#: MicroTime fields by resource: a real API server parses them only with six fractional digits.
+MICROTIME_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "coordination.k8s.io/v1/leases": (("spec", "renewTime"), ("spec", "acquireTime")),
+    "v1/events": (("eventTime",),),
+    "events.k8s.io/v1/events": (("eventTime",),),
+}
+_MICROTIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
 
 Obj = dict[str, Any]
 Key = tuple[kmock.resource, str | None, str]
@@ -486,12 +493,28 @@ class Emulator(kmock.KubernetesEmulator):
         }
 
     def _normalize(self, res: kmock.resource, obj: Obj) -> None:
+        self._check_microtimes(res, obj)
         obj.setdefault("apiVersion", _api_version(res))
         obj.setdefault("kind", self.resources[res].kind)
         if res == SECRETS and "stringData" in obj:  # gap 7: stringData folds into base64 data
             obj["data"] = dict(obj.get("data") or {}) | {
                 k: base64.b64encode(str(v).encode()).decode() for k, v in (obj.pop("stringData") or {}).items()
             }
+
+    def _check_microtimes(self, res: kmock.resource, obj: Obj) -> None:
+        """Refuse a MicroTime without six fractional digits, as the API server's decoder does."""
+        for path in MICROTIME_FIELDS.get(f"{_api_version(res)}/{res.plural}", ()):
+            value: Any = obj
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None and not (isinstance(value, str) and _MICROTIME.fullmatch(value)):
+                kind = self.resources[res].kind
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f'{kind} in version "{res.version}" cannot be handled as a {kind}: parsing time '
+                    f'{json.dumps(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse',
+                )
 
     def _store(self, key: Key, obj: Obj) -> None:
         found = self._objects._objects.get(key)
