@@ -666,6 +666,8 @@ class ControlPlane:
         """A client certificate for user ``cn`` in groups ``orgs``, signed by the plane's CA: (cert, key)."""
         if not cn:
             raise ControlPlaneError("a client certificate needs a user name (CN)")
+        if not (self.pki / "ca.key").exists():
+            raise ControlPlaneError(f"the control plane has not been started (no CA in {self.pki})")
         name = f"users/{_safe_name(cn)}-{uuid.uuid4().hex[:8]}"
         return self._pki.issue(name, cn, orgs=orgs)
 
