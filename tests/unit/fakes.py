@@ -115,6 +115,15 @@ class FakeKube:
         self.calls.append(("delete", name))
         self.secrets.pop((namespace, name), None)
 
+    #: Credentials that still exist, as get_credential answers them (to confirm a deletion).
+    credentials: dict[tuple[str, str], dict[str, Any]]
+
+    def get_credential(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get-credential", name))
+        self._maybe_fail()
+        found = getattr(self, "credentials", {}).get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
     def patch_credential_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.calls.append(("status", name))
         self._maybe_fail()
