@@ -3,12 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Kubernetes test binaries: compressed with checksums in ENVTEST_SRC, unpacked into ENVTEST_DIR
+# (the folder KUBEBUILDER_ASSETS names).
+ENVTEST_SRC ?= ../shared/envtest
+ENVTEST_DIR := .cache/envtest
+# Variables that point the tests at a real API server; unset for the emulator tier.
+REAL_CLUSTER_ENV := KUBEBUILDER_ASSETS AUTOTEK_TEST_KUBECONFIG AUTOTEK_TEST_CONTROLPLANE
 
-.PHONY: help venv test unit integration lint typecheck demo bench e2e audit clean
+.PHONY: help venv test test-real test-emulator envtest unit integration lint typecheck demo bench e2e audit clean
 
 help:
 	@echo "make demo   - run the operator against an embedded Kubernetes API and a local token endpoint"
 	@echo "make test   - lint, type-check and run every test that needs no Docker (unit, CRD, token client, integration)"
+	@echo "              (with KUBEBUILDER_ASSETS set, the cluster-facing tiers run against a real kube-apiserver)"
+	@echo "make envtest - unpack kube-apiserver, etcd, kube-controller-manager... into $(ENVTEST_DIR)"
+	@echo "make test-real - make test against a real control plane from $(ENVTEST_DIR)"
+	@echo "make test-emulator - the cluster-facing tiers (integration, kubectl plugin) against the API emulator"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker and kind)"
 	@echo "make bench  - benchmarks (BENCH_ARGS=--quick for a short run)"
 	@echo "make audit  - audit the pinned dependencies for known vulnerabilities (needs network)"
@@ -36,8 +46,20 @@ integration: $(STAMP)
 
 # Files run in parallel (each worker has its own API emulator, token endpoint and operator):
 # the integration tests mostly wait on timers, so three workers fit two cores.
+# With KUBEBUILDER_ASSETS set, the session starts one real control plane (tests/controlplane.py) first.
 test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q -n 3 --dist loadfile tests
+
+test-real: envtest
+	KUBEBUILDER_ASSETS=$(CURDIR)/$(ENVTEST_DIR) $(MAKE) test
+
+# The cluster-facing tiers against the API emulator, whatever the environment says.
+test-emulator: $(STAMP)
+	env $(addprefix -u ,$(REAL_CLUSTER_ENV)) $(BIN)/pytest -q -n 3 --dist loadfile tests/integration tests/kubectl_plugin
+
+# Unpacks only what is missing or does not match SHA256SUMS, then checks every file.
+envtest:
+	tests/envtest-assets.sh $(ENVTEST_SRC) $(ENVTEST_DIR)
 
 demo: $(STAMP)
 	$(BIN)/autotek-operator demo
