@@ -1,25 +1,18 @@
-"""Fixtures: one API server, one token endpoint and one operator process for the session."""
+"""Fixtures: one API server, one token endpoint and one operator process for the session.
+
+Test modules import helpers from ``harness`` (``Client``, ``new_client``, ``SENSITIVE``), not from here:
+a run given several test folders loads each folder's ``conftest`` under the same module name.
+"""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Broker, Cluster, Operator
+from harness import SENSITIVE, Broker, Client, Cluster, Operator, new_client
 
-#: Every client secret and token the session used, for the leak scan.
-SENSITIVE: set[str] = set()
-
-
-@dataclass
-class Client:
-    ns: str
-    secret_name: str
-    client_id: str
-    client_secret: str
+__all__ = ["SENSITIVE", "Client", "new_client"]  # also importable from here, for older test modules
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +47,14 @@ def operator(cluster: Cluster, broker: Broker, workdir: Path) -> Iterator[Operat
 
 
 def leaks(cluster: Cluster, broker: Broker, workdir: Path) -> list[str]:
-    """Where any client secret or token this session used appears (logs at DEBUG, Events, status)."""
+    """Where any client secret or token this session used appears (logs at DEBUG, and the Events and
+    credential statuses of the worker's own namespaces)."""
     import base64
-    import json
 
     needles = set(SENSITIVE) | set(broker.stats()["tokens"])
     needles |= {base64.b64encode(n.encode()).decode() for n in list(needles)}
     haystacks = {str(p.relative_to(workdir)): p.read_text(errors="replace") for p in workdir.rglob("operator-*.log")}
-    haystacks["events"] = cluster.core.list_event_for_all_namespaces(_preload_content=False).data.decode()
-    haystacks["status"] = json.dumps([c.get("status") for c in cluster.list_credentials()])
+    haystacks.update(cluster.leak_haystacks())
     return sorted(where for where, text in haystacks.items() if any(n in text for n in needles if n))
 
 
@@ -70,9 +62,8 @@ def leaks(cluster: Cluster, broker: Broker, workdir: Path) -> list[str]:
 def ns(cluster: Cluster, operator: Operator) -> Iterator[str]:
     name = cluster.create_namespace()
     yield name
-    for item in cluster.list_credentials():
-        if item["metadata"]["namespace"] == name:
-            cluster.delete_credential(name, item["metadata"]["name"])
+    for item in cluster.credentials_in(name):
+        cluster.delete_credential(name, item["metadata"]["name"])
     cluster.delete_namespace(name)
 
 
@@ -83,15 +74,6 @@ def _operator_alive(request: pytest.FixtureRequest) -> Iterator[None]:
         op: Operator = request.getfixturevalue("operator")
         assert op.alive(), "the operator process died during the test"
         assert "Traceback" not in op.log_text(), "the operator logged a traceback"
-
-
-def new_client(cluster: Cluster, broker: Broker, ns: str, secret_name: str = "autotek-client") -> Client:
-    """Register a fresh client at the token endpoint and store it in a Secret in ``ns``."""
-    client = Client(ns, secret_name, f"id-{secrets.token_hex(4)}", f"cs-{secrets.token_urlsafe(18)}")
-    SENSITIVE.add(client.client_secret)
-    broker.add_client(client.client_id, client.client_secret)
-    cluster.put_client_secret(ns, secret_name, {"client_id": client.client_id, "client_secret": client.client_secret})
-    return client
 
 
 @pytest.fixture

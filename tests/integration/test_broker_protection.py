@@ -6,9 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Broker, Cluster, Operator, wait_for
-
-from conftest import Client, new_client
+from harness import Broker, Client, Cluster, Operator, new_client, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Broker, Cluster, Operator, wait_for
-
-from conftest import SENSITIVE, Client, new_client
+from harness import SENSITIVE, Broker, Client, Cluster, Operator, new_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +23,14 @@ def free_port() -> int:
 
 @pytest.fixture
 def featured(operator: Operator, cluster: Cluster, broker: Broker, workdir: Path) -> Iterator[tuple[Operator, int]]:
-    """An operator of its own with metrics on a port and rollout restarts switched on."""
+    """An operator of its own with metrics on a port and rollout restarts switched on; on a real server it
+    holds the RBAC of manifests/overlays/rollout-restart (the base's ClusterRole cannot patch workloads)."""
     operator.stop()
     port = free_port()
     (workdir / "featured").mkdir(exist_ok=True)
     op = Operator(cluster, broker, workdir / "featured", extra_env={
         "AUTOTEK_METRICS_PORT": str(port), "AUTOTEK_ROLLOUT_RESTART": "true", "AUTOTEK_RESTART_MIN_INTERVAL": "0",
-    })
+    }, identity=cluster.identity("rollout-restart"))
     op.start()
     yield op, port
     op.stop()

@@ -7,7 +7,8 @@ selected scenario in a thread pool, and each test waits for its scenario and rec
 table (``faults.ROWS``, printed at the end of the session by ``conftest.pytest_terminal_summary``).
 
 Operators: the session's operator is stopped for the module (it watches every namespace). Three of our
-own run instead, each limited to its namespace with ``AUTOTEK_NAMESPACES``:
+own run instead, each limited to its namespace with ``AUTOTEK_NAMESPACES`` (and, like every operator of
+the worker, to the worker's credentials with ``AUTOTEK_CREDENTIAL_SELECTOR``):
 
 - ``f``: token-endpoint faults, Secret faults, the outage and request-discipline runs;
   ``AUTOTEK_HTTP_TIMEOUT=2`` so that a slow answer is a read timeout quickly;
@@ -57,10 +58,9 @@ from faults import (
     record,
     transient_delay,
 )
-from harness import Broker, Cluster, Operator
+from harness import SENSITIVE, Broker, Cluster, Operator
 
 from autotek_operator.scheduling import FLOOR_SECONDS, MAX_JITTER_SECONDS, MAX_SCHEDULE_SECONDS
-from conftest import SENSITIVE
 
 pytestmark = pytest.mark.integration
 
@@ -271,7 +271,8 @@ def env(request: pytest.FixtureRequest, cluster: Cluster, workdir: Path) -> Iter
             ops["k"] = Operator(cluster, brokers["kill"], root / "op-k", extra_env={
                 **common, "AUTOTEK_NAMESPACES": ns["k"]})
         if "p" in needs:
-            proxy, kubeconfig = _proxied_kubeconfig(cluster.kubeconfig, root / "kubeconfig-proxied")
+            # The operator's own identity (its ServiceAccount on a real server), through the proxy.
+            proxy, kubeconfig = _proxied_kubeconfig(cluster.identity().kubeconfig, root / "kubeconfig-proxied")
             ops["p"] = Operator(cluster, SimpleNamespace(url=""), root / "op-p", extra_env={  # type: ignore[arg-type]
                 **common, "AUTOTEK_NAMESPACES": ns["p"], "AUTOTEK_ALLOWED_TOKEN_URLS": servers["main"].prefix(),
                 "KUBECONFIG": str(kubeconfig)})

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Broker, Cluster, Operator, wait_for
-
-from conftest import Client
+from harness import Broker, Client, Cluster, Operator, wait_for
 
 pytestmark = pytest.mark.integration
 

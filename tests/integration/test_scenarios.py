@@ -8,9 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from harness import Broker, Cluster, Operator, wait_for
-
-from conftest import Client, new_client
+from harness import Broker, Client, Cluster, Operator, new_client, wait_for
 
 pytestmark = pytest.mark.integration
 
