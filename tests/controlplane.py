@@ -413,7 +413,7 @@ class Etcd:
             f"--listen-client-urls={self.url}", f"--advertise-client-urls={self.url}",
             f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster={self.name}={peer}", "--initial-cluster-state=new",
-            "--log-level=warn",
+            "--logger=zap", "--log-level=warn",
         ]
 
     def start(self, deadline: float) -> None:
@@ -584,6 +584,8 @@ class ControlPlane:
         self.apiserver: APIServer | None = None
         self.kcm: ControllerManager | None = None
         self.start_seconds: float | None = None
+        #: Seconds each start step took (certificates, etcd, kube-apiserver, kube-controller-manager).
+        self.timings: dict[str, float] = {}
         self._ssl: ssl.SSLContext | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -605,11 +607,21 @@ class ControlPlane:
         assets = check_assets(self.assets, names)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        mark = began
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            self.timings[name] = round(now - mark, 2)
+            mark = now
+
         try:
             self._make_pki()
+            step("certificates")
             self.etcd = Etcd(assets / "etcd", self.workdir, "127.0.0.1")
             self._started.append(self.etcd)
             self.etcd.start(deadline)
+            step("etcd")
             self.apiserver = APIServer(assets / "kube-apiserver", self.workdir, self._pki,
                                        bind_address=self.bind_address, advertise_address=self.advertise_address,
                                        secure_port=self.secure_port, host=self._host)
@@ -622,11 +634,13 @@ class ControlPlane:
             _wait_until(self.apiserver.process, "the namespace `default` existed",
                         lambda: None if self._admin_get("/api/v1/namespaces/default")[0] == 200 else "not yet",
                         deadline)
+            step("kube-apiserver")
             if run_kcm:
                 self.kcm = ControllerManager(assets / "kube-controller-manager", self.workdir, self._pki,
                                              self.workdir / "controller-manager.kubeconfig")
                 self._started.append(self.kcm)
                 self.kcm.start(deadline, self._admin_get)
+                step("kube-controller-manager")
             self.start_seconds = time.monotonic() - began
             self._write_state()
         except BaseException as exc:
@@ -738,6 +752,7 @@ class ControlPlane:
             "controller_manager_port": self.kcm.secure_port if self.kcm else None,
             "admin_kubeconfig": str(self.admin_kubeconfig), "pki": str(self.pki),
             "pids": self.pids(), "owner_pid": os.getpid(), "start_seconds": self.start_seconds,
+            "timings": self.timings,
         }
         PKI._write(self.workdir / STATE_FILE, json.dumps(self.state, indent=2).encode())
 
