@@ -32,13 +32,11 @@ from typing import Any, TypeVar
 import kubernetes
 import yaml
 from kubernetes.client.exceptions import ApiException
-from rbac import MANIFESTS, Identity, Rbac, bare, one
+from rbac import MANIFESTS, SCOPE_LABEL, Identity, Rbac, bare, new_scope, one, selector
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "autotekcredentials.autotek.io.yaml"
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
-#: The label that ties a credential to the operators of one test scope (a pytest-xdist worker, or a test).
-SCOPE_LABEL = "autotek.io/test-scope"
 #: The ClusterRole of manifests/ that the operator's ServiceAccount is bound to.
 CLUSTER_ROLE = "autotek-operator"
 
@@ -77,16 +75,6 @@ def _start_with_ready_line(cmd: list[str], marker: str, log_path: Path, env: dic
             break
     proc.kill()
     raise RuntimeError(f"{cmd!r} did not become ready; see {log_path}")
-
-
-def new_scope() -> str:
-    """A random label value that separates one worker's (or one test's) credentials from all others."""
-    return uuid.uuid4().hex[:10]
-
-
-def selector(scope: str) -> str:
-    """The AUTOTEK_CREDENTIAL_SELECTOR of operators that act on the credentials of ``scope``."""
-    return f"{SCOPE_LABEL}={scope}"
 
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,20 @@ FIELD_MANAGER = "autotek-tests"
 LEADER_ELECTION_ROLE = "autotek-operator-leader-election"
 #: Labels every object made here carries, so that a look at the cluster tells whose it is.
 TEST_LABELS = {"app.kubernetes.io/managed-by": "autotek-tests"}
+#: The label that ties a credential to the operators of one test scope (a pytest-xdist worker, or a test).
+SCOPE_LABEL = "autotek.io/test-scope"
 
 Doc = dict[str, Any]
+
+
+def new_scope() -> str:
+    """A random label value that separates one worker's (or one test's) credentials from all others."""
+    return uuid.uuid4().hex[:10]
+
+
+def selector(scope: str) -> str:
+    """The AUTOTEK_CREDENTIAL_SELECTOR of operators that act on the credentials of ``scope``."""
+    return f"{SCOPE_LABEL}={scope}"
 
 
 class RbacError(RuntimeError):

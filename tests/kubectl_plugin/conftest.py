@@ -1,12 +1,17 @@
-"""Fixtures for ``kubectl autotek``: the API emulator in a thread, the broker double, and a runner.
+"""Fixtures for ``kubectl autotek``: an API server, the broker double, and a runner.
 
-The plugin is called in-process through ``main([...])`` with ``--kubeconfig`` pointing at a
-kubeconfig for the emulator written to the test's tmp_path; its output is captured with capsys.
+The API server is the session's real one when ``AUTOTEK_TEST_KUBECONFIG`` is set (``KUBEBUILDER_ASSETS``:
+tests/conftest.py starts it), else the API emulator in a thread of this process. The plugin is called
+in-process through ``main([...])`` with ``--kubeconfig`` pointing at a kubeconfig written to the test's
+tmp_path; its output is captured with capsys. On the real server every test works in namespaces of its
+own, deleted at the end; credentials made here carry no test-scope label, so no operator of the
+integration tier (each selects its own scope) acts on them.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,13 +20,19 @@ from pathlib import Path
 from typing import Any, cast
 
 import kubernetes.client
+import kubernetes.config
 import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
 
 from autotek_operator import kubectl_plugin
 from autotek_operator.dev.broker import BrokerServer
 from autotek_operator.dev.emulator import EmulatorThread
+from autotek_operator.dev.emulator import kubeconfig as emulator_kubeconfig
 
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "autotekcredentials.autotek.io.yaml"
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass
@@ -36,12 +47,54 @@ class Result:
 
 
 class Kube:
-    """Direct access to the emulator, for setting up credentials, Secrets and statuses."""
+    """Direct access to an API server (as admin), for setting up credentials, Secrets and statuses."""
 
-    def __init__(self, url: str) -> None:
-        self.api = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=url))
+    def __init__(self, kubeconfig: Path) -> None:
+        self.api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
+
+    def create_namespace(self, name: str) -> None:
+        self.core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def delete_namespace(self, name: str) -> None:
+        try:
+            self.core.delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def install_crd(self) -> None:
+        """Create the CRD unless it exists (shared with other workers: never deleted) and wait for it."""
+        import time
+
+        ext = kubernetes.client.ApiextensionsV1Api(self.api)
+        crd = yaml.safe_load(CRD_FILE.read_text())
+        try:
+            ext.create_custom_resource_definition(crd)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            conditions = ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
+            if any(x.type == "Established" and x.status == "True" for x in conditions):
+                return
+            time.sleep(0.2)
+        raise AssertionError("the CRD was not Established within 30 s")
+
+    def versions(self, ns: str) -> dict[tuple[str, str], str]:
+        """(kind, name) -> resourceVersion of every credential, Secret and Event in ``ns``."""
+        out = {}
+        for kind, items in (
+            ("AutoTekCredential", self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]),
+            ("Secret", self.core.list_namespaced_secret(ns).to_dict()["items"]),
+            ("Event", self.core.list_namespaced_event(ns).to_dict()["items"]),
+        ):
+            for item in items:
+                meta = item["metadata"]
+                out[(kind, meta["name"])] = meta.get("resourceVersion") or meta.get("resource_version")
+        return out
 
     def put_secret(self, ns: str, name: str, data: dict[str, str]) -> None:
         body: Any = {
@@ -57,11 +110,13 @@ class Kube:
         secret = self.core.read_namespaced_secret(name, ns)
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
-    def create_credential(self, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def create_credential(
+        self, ns: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         body: Any = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "AutoTekCredential",
-            "metadata": {"name": name, "namespace": ns},
+            "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
             "spec": spec,
         }
         return cast(dict[str, Any], self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body))
@@ -75,33 +130,91 @@ class Kube:
         return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name))
 
 
+class Server:
+    """The API server the tests talk to: the session's real one, or an emulator thread."""
+
+    def __init__(self, admin: Path | None, emulator: EmulatorThread | None) -> None:
+        self.admin, self.emulator = admin, emulator
+
+    @property
+    def real(self) -> bool:
+        return self.emulator is None
+
+    def kubeconfig_doc(self, namespace: str | None = None) -> dict[str, Any]:
+        """A kubeconfig document for the server (admin), its current context in ``namespace`` if given."""
+        if self.emulator is not None:
+            return emulator_kubeconfig(self.emulator.url, namespace=namespace or "default")
+        assert self.admin is not None
+        doc: dict[str, Any] = yaml.safe_load(self.admin.read_text())
+        if namespace:
+            for ctx in doc["contexts"]:
+                if ctx["name"] == doc["current-context"]:
+                    ctx["context"]["namespace"] = namespace
+        return doc
+
+    def write_kubeconfig(self, path: Path, namespace: str | None = None) -> Path:
+        path.write_text(yaml.safe_dump(self.kubeconfig_doc(namespace)))
+        return path
+
+    def writes(self, kube: Kube, ns: str) -> Callable[[], dict[Any, Any]]:
+        """Start counting writes; the returned function tells what was written since. The emulator counts
+        every write request; a real server shows writes as changed or new objects in ``ns``."""
+        if self.emulator is not None:
+            emulator = self.emulator
+            emulator.reset_request_counts()
+            return lambda: {k: n for k, n in emulator.request_counts.items() if k[0] in WRITE_METHODS}
+        before = kube.versions(ns)
+        return lambda: {key: v for key, v in kube.versions(ns).items() if before.get(key) != v}
+
+
 @pytest.fixture(scope="session")
-def emulator() -> Iterator[EmulatorThread]:
-    """One emulator for the directory's in-process tests; no operator ever watches it."""
+def server() -> Iterator[Server]:
+    """The real API server named by AUTOTEK_TEST_KUBECONFIG, else one emulator no operator ever watches."""
+    given = os.environ.get("AUTOTEK_TEST_KUBECONFIG")
+    if given:
+        Kube(Path(given)).install_crd()
+        yield Server(Path(given), None)
+        return
     with EmulatorThread(port=0) as emu:
-        yield emu
+        yield Server(None, emu)
 
 
 @pytest.fixture
-def kubeconfig(emulator: EmulatorThread, tmp_path: Path) -> Path:
-    return emulator.write_kubeconfig(tmp_path / "kubeconfig")
+def kubeconfig(server: Server, tmp_path: Path) -> Path:
+    return server.write_kubeconfig(tmp_path / "kubeconfig")
 
 
 @pytest.fixture(scope="session")
-def kube_for() -> Callable[[str], Kube]:
-    """Direct access to an API server by URL (for the live tests' own emulator)."""
+def kube_for() -> Callable[[Path], Kube]:
+    """Direct access to an API server by kubeconfig (for the live tests' own server)."""
     return Kube
 
 
 @pytest.fixture
-def kube(emulator: EmulatorThread) -> Kube:
-    return Kube(emulator.url)
+def kube(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Kube:
+    return Kube(server.write_kubeconfig(tmp_path_factory.mktemp("kube") / "kubeconfig"))
 
 
 @pytest.fixture
-def ns() -> str:
-    """A fresh namespace name (the emulator does not require namespaces to exist)."""
-    return f"kp-{uuid.uuid4().hex[:8]}"
+def namespaces(server: Server, kube: Kube) -> Iterator[Callable[[str], str]]:
+    """Make a namespace (on a real server: created now, deleted at the end; the emulator needs none)."""
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        if server.real:
+            kube.create_namespace(name)
+            made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        kube.delete_namespace(name)
+
+
+@pytest.fixture
+def ns(namespaces: Callable[[str], str]) -> str:
+    """A fresh namespace."""
+    return namespaces(f"kp-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from autotek_operator.dev.emulator import kubeconfig as kubeconfig_doc
 from autotek_operator.dev.emulator import write_kubeconfig
 
 SPEC = {"clientSecretRef": {"name": "client"}}
@@ -100,13 +99,14 @@ def test_status_namespace_after_the_subcommand_and_empty(run: Any, kube: Any, ns
 
 
 def test_status_defaults_to_the_context_namespace(
-    kube: Any, ns: str, emulator: Any, tmp_path: Path, capsys: Any
+    kube: Any, ns: str, server: Any, tmp_path: Path, capsys: Any
 ) -> None:
     from autotek_operator import kubectl_plugin
 
     seed(kube, ns)
-    doc = kubeconfig_doc(emulator.url, namespace=ns)
-    doc["contexts"].append({"name": "other", "context": {"cluster": "emulator", "user": "emulator"}})
+    doc = server.kubeconfig_doc(namespace=ns)
+    current = next(c for c in doc["contexts"] if c["name"] == doc["current-context"])["context"]
+    doc["contexts"].append({"name": "other", "context": {"cluster": current["cluster"], "user": current["user"]}})
     path = tmp_path / "kubeconfig"
     path.write_text(json.dumps(doc))
 
@@ -121,9 +121,9 @@ def test_status_defaults_to_the_context_namespace(
     assert 'context "nope" not found' in capsys.readouterr().err
 
 
-def test_status_all_namespaces(run: Any, kube: Any, ns: str) -> None:
+def test_status_all_namespaces(run: Any, kube: Any, ns: str, namespaces: Any) -> None:
     seed(kube, ns)
-    other = ns + "-b"
+    other = namespaces(ns + "-b")
     kube.create_credential(other, "aardvark", SPEC)
     r = run("status", "-A")
     assert r.code == 0
