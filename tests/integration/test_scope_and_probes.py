@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import SCOPE_LABEL, Broker, Cluster, Operator, new_scope, wait_for
-
-from conftest import Client
+from harness import SCOPE_LABEL, Broker, Client, Cluster, Operator, new_scope, wait_for
 
 pytestmark = pytest.mark.integration
 
