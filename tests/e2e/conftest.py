@@ -1,69 +1,102 @@
-"""End-to-end tests: the operator's container image on a kind cluster.
+"""End-to-end tests: the operator's container image on a real cluster, kind or a local node.
 
 How to run
 ----------
-    make e2e                                  # = .venv/bin/pytest -q tests/e2e --with-e2e
-    .venv/bin/pytest -q tests/e2e --with-e2e  # the same
-    AUTOTEK_E2E=1 .venv/bin/pytest -q tests   # the environment variable is the same switch
+    make e2e                                                   # kind (Docker + kind)
+    .venv/bin/pytest -q tests/e2e --with-e2e                   # the same
+    .venv/bin/pytest -q tests/e2e --with-e2e --e2e-cluster=local
+                                          # a node on this machine (root, Debian; see node/localnode.py)
+    AUTOTEK_E2E=1 AUTOTEK_E2E_CLUSTER=local .venv/bin/pytest -q tests/e2e   # the same, by environment
 
-It needs Docker with a running engine (``docker info`` must succeed), ``kind`` and ``kubectl`` on
-PATH. Without ``--with-e2e`` (or ``AUTOTEK_E2E=1``) every test marked ``e2e`` here is skipped;
-with it, they are skipped with the reason when a tool is missing or ``docker info`` fails.
-``test_render.py`` is not marked: it only renders the kustomize overlay and runs wherever kubectl
-is installed, as part of ``make test``. A run takes about ten minutes (most of it the image build,
-the cluster, and waiting for real rotations and kubelet volume syncs).
+Without ``--with-e2e`` (or ``AUTOTEK_E2E=1``) every test marked ``e2e`` here is skipped.
+
+``--e2e-cluster=kind`` (the default) needs Docker with a running engine, ``kind`` and ``kubectl``;
+without them the tests are skipped with the reason. ``--e2e-cluster=local`` needs root on a
+Debian machine, ``kubectl`` and the Kubernetes binaries in ``KUBEBUILDER_ASSETS`` or ``.cache/envtest``
+(``make envtest``); the Debian packages it needs are installed when missing. A problem there fails
+the run, naming the step and showing the tail of that component's log.
+
+``test_render.py`` is not marked: it only renders the kustomize overlays and runs wherever kubectl
+is installed, as part of ``make test``.
 
 Environment
 -----------
+``AUTOTEK_E2E_CLUSTER=kind|local``
+    Same as ``--e2e-cluster``.
 ``KIND_CLUSTER=<name>``
-    Use this kind cluster (created, with that name, if it does not exist) and never delete it.
-    The namespace ``autotek-e2e`` is deleted before the run and at its end; the operator stays
-    installed (``kubectl delete -k tests/e2e/overlay`` removes it).
+    (kind) Use this kind cluster (created, with that name, if it does not exist) and never delete it.
 ``AUTOTEK_E2E_KEEP=1``
-    Leave everything in place at the end (the cluster the run created, the namespace, the
-    objects) for inspection; the kubeconfig path and the command that deletes the cluster are
-    printed.
-``AUTOTEK_E2E=1``
-    Same as ``--with-e2e``.
+    Leave everything in place at the end (the kind cluster the run created, the namespaces, the
+    operator) for inspection. A local node started by the run itself stops with it; to keep one,
+    start it first with ``localnode.py up`` (the run then uses it and leaves it running).
+``AUTOTEK_E2E_BASE_IMAGE=local``
+    (local) Make the Dockerfile's base image with debootstrap even when a registry answers.
 
 What a run does
 ---------------
-1. ``docker build -t autotek-operator:e2e .`` (the repository's Dockerfile; before the cluster
-   exists, so a broken build fails fast);
-2. ``kind create cluster --name autotek-e2e-<random> --wait 120s`` (or ``$KIND_CLUSTER``), with a
-   kubeconfig file of its own (``kind get kubeconfig``) passed to every kubectl call: the user's
-   kubeconfig and current context are never read or changed;
-3. ``kind load docker-image autotek-operator:e2e``;
-4. ``kubectl apply -k tests/e2e/overlay`` (``manifests/`` with the e2e image, the in-cluster broker
-   allowed as a token URL, DEBUG logs) and ``kubectl rollout status deploy/autotek-operator``;
-5. in namespace ``autotek-e2e`` (Pod Security ``restricted`` enforced): the token-endpoint double
-   (``python -m autotek_operator.dev.broker`` from the same image, 30-second tokens, client secrets
-   generated per run) behind Service ``autotek-broker``, reached from here only through
-   ``kubectl port-forward`` on 127.0.0.1; two client Secrets; AutoTekCredentials ``autotek``
-   (target ``autotek-token``) and ``autotek-retain`` (``deletionPolicy: Retain``);
-6. the tests of ``test_e2e.py``, in file order (they share this state);
-7. deletes the cluster it created.
+1. The image: ``docker build -t autotek-operator:e2e .`` (kind), or on the local node
+   ``podman build --network host --pull=never`` of the same Dockerfile (its base image pulled, or
+   made from Debian packages when no registry is reachable; cached under ``.cache/localnode``);
+2. the cluster: ``kind create cluster`` + ``kind load docker-image``; or the local node
+   (``node/localnode.py``: control plane, containerd, kubelet, kube-proxy, kube-scheduler) +
+   ``podman save | ctr images import``; a node already started with ``localnode.py up`` is used as is;
+3. in namespace ``autotek-e2e`` (Pod Security ``restricted``): the token-endpoint double
+   (``python -m autotek_operator.dev.broker`` from the same image, https with a certificate from a
+   CA made for the run, 30-second tokens, client secrets generated per run) behind a Service with
+   the fixed address ``10.96.203.17``, reached from here through ``kubectl port-forward``;
+4. the scenarios, each installing the operator with ``kubectl apply -k tests/e2e/overlays/<name>``
+   (the repository's kustomization plus ``overlays/settings``: the e2e image, the broker as the only
+   allowed token URL, DEBUG logs) and removing it at its end: ``test_e2e.py`` (``manifests/``:
+   rotation, pods reading the token, leader hand-over, deletion policies, logs, and the uninstall
+   that docs/operations.md describes), ``test_e2e_namespaced.py``, ``test_e2e_rollout_restart.py``;
+5. deletes the cluster it created (kind) or stops the node (local).
 
 A failing test's report ends with a section "e2e diagnostics": kubectl get/describe of the
 operator and the test namespace, the operator's logs, Events and the broker's request counts.
-Logs of the run (build, kind, port-forward, diagnostics) are in pytest's temporary directory
-(``pytest-of-$USER/pytest-current/e2e0``).
+Logs of the run are in pytest's temporary directory (``pytest-of-$USER/pytest-current/e2e0``), the
+local node's under ``.cache/localnode/logs``. The run ends with how long each stage took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import e2ekit as kit
 import pytest
 
-SKIP_REASON = "end-to-end tests need --with-e2e (make e2e), Docker and kind"
+sys.path.insert(0, str(kit.HERE / "node"))
+
+import nodeutil
+
+SKIP_REASON = "end-to-end tests need --with-e2e (make e2e, make e2e-local)"
+CLUSTER_ENV = "AUTOTEK_E2E_CLUSTER"
+FLAVOURS = ("kind", "local")
+
+#: How long each stage took (image, cluster, ...); the scenarios are added per test module.
+TIMINGS = nodeutil.Timings()
+SCENARIOS: dict[str, float] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("autotek-e2e", "autotek-operator end-to-end tests")
+    group.addoption(
+        "--e2e-cluster",
+        choices=FLAVOURS,
+        default=None,
+        help="where the end-to-end tests run: kind (default; Docker and kind) or local (a node on this "
+        f"machine, root); the environment variable {CLUSTER_ENV} does the same",
+    )
 
 
 def _truthy(value: str | None) -> bool:
@@ -76,11 +109,24 @@ def e2e_enabled(config: pytest.Config) -> bool:
     return bool(config.getoption("--with-e2e", default=False)) or _truthy(os.environ.get("AUTOTEK_E2E"))
 
 
-def missing_prerequisites() -> str | None:
+def cluster_flavour(config: pytest.Config) -> str:
+    flavour = config.getoption("--e2e-cluster", default=None) or os.environ.get(CLUSTER_ENV, "").strip() or "kind"
+    if flavour not in FLAVOURS:
+        raise pytest.UsageError(f"{CLUSTER_ENV}={flavour!r}: expected one of {', '.join(FLAVOURS)}")
+    return str(flavour)
+
+
+def missing_prerequisites(flavour: str) -> str | None:
     """Why the end-to-end tests cannot run on this machine, or None when they can."""
+    if flavour == "local":
+        if shutil.which("kubectl") is None:
+            raise pytest.UsageError("--e2e-cluster=local needs `kubectl` on PATH")
+        if sys.platform != "linux" or os.geteuid() != 0:
+            raise pytest.UsageError("--e2e-cluster=local runs containerd and a kubelet: it needs root on Linux")
+        return None
     for tool in ("docker", "kind", "kubectl"):
         if shutil.which(tool) is None:
-            return f"end-to-end tests need `{tool}` on PATH ({SKIP_REASON})"
+            return f"end-to-end tests on kind need `{tool}` on PATH (or use --e2e-cluster=local)"
     try:
         proc = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
@@ -100,7 +146,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ours = [item for item in items if _ours(item)]
     if not ours:
         return
-    reason = SKIP_REASON if not e2e_enabled(config) else missing_prerequisites()
+    reason = SKIP_REASON if not e2e_enabled(config) else missing_prerequisites(cluster_flavour(config))
     if reason:
         for item in ours:
             item.add_marker(pytest.mark.skip(reason=reason))
@@ -118,6 +164,35 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def _stages_total() -> float:
+    return sum(seconds for _, seconds in TIMINGS.stages)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Time each test module as a scenario, less the stages (image, cluster) that ran inside it."""
+    if not _ours(item):
+        return (yield)
+    began, stages = time.monotonic(), _stages_total()
+    try:
+        return (yield)
+    finally:
+        spent = time.monotonic() - began - (_stages_total() - stages)
+        name = f"scenario {Path(item.path).stem}"
+        SCENARIOS[name] = SCENARIOS.get(name, 0.0) + spent
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not TIMINGS.stages:  # no cluster was brought up: nothing ran
+        return
+    rows = [*TIMINGS.stages, *SCENARIOS.items()]
+    width = max(len(name) for name, _ in rows)
+    terminalreporter.write_sep("-", "e2e timings")
+    for name, seconds in rows:
+        terminalreporter.write_line(f"{name:<{width}}  {seconds:7.1f}s")
+    terminalreporter.write_line(f"{'total':<{width}}  {sum(s for _, s in rows):7.1f}s")
+
+
 def _say(config: pytest.Config, message: str) -> None:
     """A progress line on the terminal, even while output is captured (the steps take minutes)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -131,7 +206,7 @@ def _say(config: pytest.Config, message: str) -> None:
         reporter.write_line(f"[e2e] {message}")
 
 
-# -- the cluster and the operator ------------------------------------------------------------------
+# -- the cluster and the image -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -146,78 +221,126 @@ def keep() -> bool:
     return _truthy(os.environ.get("AUTOTEK_E2E_KEEP"))
 
 
-@pytest.fixture(scope="session")
-def operator_image(pytestconfig: pytest.Config, e2e_workdir: Path) -> str:
-    _say(pytestconfig, f"docker build -t {kit.IMAGE} {kit.ROOT}")
-    kit.docker_build(e2e_workdir / "docker-build.log")
-    return kit.IMAGE
-
-
-@pytest.fixture(scope="session")
-def kind_cluster(
-    pytestconfig: pytest.Config, e2e_workdir: Path, operator_image: str, keep: bool
-) -> Iterator[kit.KindCluster]:
-    kubeconfig = e2e_workdir / "kubeconfig"
+def _kind_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator[kit.Cluster]:
+    with TIMINGS.stage("image build"):
+        _say(config, f"docker build -t {kit.IMAGE} {kit.ROOT}")
+        kit.docker_build(workdir / "docker-build.log")
+    kubeconfig = workdir / "kubeconfig"
     given = os.environ.get("KIND_CLUSTER", "").strip()
     created = not given
     name = given or f"autotek-e2e-{secrets.token_hex(3)}"
     delete_at_end = created and not keep
     try:
-        if created or name not in kit.kind_clusters():
-            _say(pytestconfig, f"kind create cluster --name {name} --wait 120s")
-            kit.kind_create(name, kubeconfig, e2e_workdir / "kind-create.log")
-        else:
-            _say(pytestconfig, f"using the existing kind cluster {name} (KIND_CLUSTER)")
-        kit.kind_kubeconfig(name, kubeconfig)
-        _say(pytestconfig, f"kind load docker-image {operator_image} --name {name}")
-        kit.kind_load(name)
+        with TIMINGS.stage("cluster up"):
+            if created or name not in kit.kind_clusters():
+                _say(config, f"kind create cluster --name {name} --wait 120s")
+                kit.kind_create(name, kubeconfig, workdir / "kind-create.log")
+            else:
+                _say(config, f"using the existing kind cluster {name} (KIND_CLUSTER)")
+            kit.kind_kubeconfig(name, kubeconfig)
+        with TIMINGS.stage("load image"):
+            _say(config, f"kind load docker-image {kit.IMAGE} --name {name}")
+            kit.kind_load(name)
     except BaseException:
         if delete_at_end:
             kit.kind_delete(name, kubeconfig)
         raise
-    kit.DIAGNOSTICS.kubectl = kit.Kubectl(kubeconfig)
-    yield kit.KindCluster(name, kubeconfig, created)
-    kit.DIAGNOSTICS.kubectl = None
+    yield kit.Cluster("kind", name, kubeconfig, created)
     if delete_at_end:
-        _say(pytestconfig, f"kind delete cluster --name {name}")
-        kit.kind_delete(name, kubeconfig)
+        with TIMINGS.stage("teardown"):
+            _say(config, f"kind delete cluster --name {name}")
+            kit.kind_delete(name, kubeconfig)
     elif keep:
         _say(
-            pytestconfig,
+            config,
             f"AUTOTEK_E2E_KEEP=1: kind cluster {name} kept; kubeconfig {kubeconfig} "
             f"(or `kind get kubeconfig --name {name}`); delete it with `kind delete cluster --name {name}`",
         )
 
 
-@pytest.fixture(scope="session")
-def kubectl(kind_cluster: kit.KindCluster) -> kit.Kubectl:
-    return kit.Kubectl(kind_cluster.kubeconfig)
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _local_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator[kit.Cluster]:
+    import localnode
+
+    node = localnode.LocalNode(timings=TIMINGS)
+    running = localnode.running(node.state)
+    # SIGTERM (CI stopping the run) unwinds like Ctrl-C, so the node below is stopped and cleaned up.
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if running:
+            _say(config, f"using the local node that `localnode.py up` started ({node.kubeconfig})")
+            try:
+                node.build_images([kit.IMAGE_REF])
+                with TIMINGS.stage("load image"):
+                    node.load_image(kit.IMAGE_REF)
+            except nodeutil.NodeError as exc:
+                pytest.exit(f"local node: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
+        else:
+            _say(config, f"bringing up a local node (state and logs in {node.state}); this takes a few minutes")
+            try:
+                node.up(build=[kit.IMAGE_REF])
+            except nodeutil.NodeError as exc:
+                pytest.exit(f"local node: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
+        kubeconfig = workdir / "kubeconfig"
+        shutil.copy2(node.kubeconfig, kubeconfig)
+        try:
+            yield kit.Cluster("local", node.node_name, kubeconfig, created=not running)
+        finally:
+            if not running:
+                if keep:
+                    _say(
+                        config,
+                        "AUTOTEK_E2E_KEEP=1 cannot keep a node this run started: start one with "
+                        "`localnode.py up` before the run to keep it",
+                    )
+                with TIMINGS.stage("teardown"):
+                    _say(config, "stopping the local node")
+                    for line in node.down():
+                        _say(config, f"  {line}")
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")
-def operator_installed(pytestconfig: pytest.Config, kind_cluster: kit.KindCluster, kubectl: kit.Kubectl) -> None:
-    _say(pytestconfig, f"kubectl apply -k {kit.OVERLAY.relative_to(kit.ROOT)}")
-    kubectl("apply", "-k", str(kit.OVERLAY), timeout=120)
-    kubectl("wait", "--for=condition=Established", f"crd/{kit.CRD_NAME}", "--timeout=60s", timeout=90)
-    if not kind_cluster.created:
-        # A cluster from an earlier run may be running an older build under the same tag.
-        kubectl("rollout", "restart", "-n", kit.OPERATOR_NS, f"deploy/{kit.OPERATOR_DEPLOY}")
-    kubectl("rollout", "status", "-n", kit.OPERATOR_NS, f"deploy/{kit.OPERATOR_DEPLOY}", "--timeout=180s", timeout=200)
-
-
-# -- the test namespace, the broker, the credentials --------------------------------------------
+def cluster(pytestconfig: pytest.Config, e2e_workdir: Path, keep: bool) -> Iterator[kit.Cluster]:
+    flavour = cluster_flavour(pytestconfig)
+    source = _local_cluster if flavour == "local" else _kind_cluster
+    for found in source(pytestconfig, e2e_workdir, keep):
+        kit.DIAGNOSTICS.kubectl = kit.Kubectl(found.kubeconfig)
+        try:
+            yield found
+        finally:
+            kit.DIAGNOSTICS.kubectl = None
 
 
 @pytest.fixture(scope="session")
-def e2e_namespace(
-    kind_cluster: kit.KindCluster, kubectl: kit.Kubectl, operator_installed: None, keep: bool
-) -> Iterator[str]:
-    # Whatever an earlier run left (KIND_CLUSTER, AUTOTEK_E2E_KEEP) goes first: every run starts fresh.
+def kubectl(cluster: kit.Cluster) -> kit.Kubectl:
+    return kit.Kubectl(cluster.kubeconfig)
+
+
+# -- the test namespace, the broker -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def e2e_namespace(cluster: kit.Cluster, kubectl: kit.Kubectl, keep: bool) -> Iterator[str]:
+    # Whatever an earlier run left (KIND_CLUSTER, a kept node) goes first: every run starts fresh.
     kubectl("delete", "namespace", kit.NS, "--ignore-not-found", "--wait=true", "--timeout=180s", timeout=200)
     kubectl.apply([kit.namespace_object()])
     yield kit.NS
-    if not kind_cluster.created and not keep:
+    if not keep:
         kubectl("delete", "namespace", kit.NS, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def tls(e2e_workdir: Path) -> kit.TestCA:
+    """A CA made for this run and the broker's serving certificate; credentials trust it via caBundle."""
+    return kit.TestCA.create(e2e_workdir / "tls")
 
 
 @pytest.fixture(scope="session")
@@ -228,12 +351,17 @@ def clients() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def broker(
-    pytestconfig: pytest.Config, kubectl: kit.Kubectl, e2e_namespace: str, e2e_workdir: Path, clients: dict[str, str]
+    pytestconfig: pytest.Config,
+    kubectl: kit.Kubectl,
+    e2e_namespace: str,
+    e2e_workdir: Path,
+    clients: dict[str, str],
+    tls: kit.TestCA,
 ) -> Iterator[kit.BrokerAPI]:
-    _say(pytestconfig, f"deploying the token-endpoint double in namespace {e2e_namespace}")
-    kubectl.apply(kit.broker_objects(clients))
+    _say(pytestconfig, f"deploying the token-endpoint double (https://{kit.BROKER_IP}:{kit.BROKER_PORT})")
+    kubectl.apply(kit.broker_objects(clients, tls))
     kubectl("rollout", "status", "-n", e2e_namespace, f"deploy/{kit.BROKER}", "--timeout=120s", timeout=150)
-    api = kit.BrokerAPI(kubectl, e2e_workdir / "port-forward.log")
+    api = kit.BrokerAPI(kubectl, e2e_workdir / "port-forward.log", tls.ca)
     api.start()
     kit.DIAGNOSTICS.broker = api
     yield api
@@ -241,20 +369,48 @@ def broker(
     api.stop()
 
 
+@contextlib.contextmanager
+def operator_installed(config: pytest.Config, kubectl: kit.Kubectl, overlay: Path, keep: bool) -> Iterator[Path]:
+    """The operator installed from ``overlay`` for one scenario, removed at its end (unless kept)."""
+    if kit.operator_present(kubectl):  # an earlier scenario or run left one
+        _say(config, "removing the operator an earlier scenario or run left installed")
+        kit.uninstall(kubectl, overlay)
+    _say(config, f"kubectl apply -k {overlay.relative_to(kit.ROOT)}")
+    kit.install(kubectl, overlay)
+    try:
+        yield overlay
+    finally:
+        if not keep:
+            kit.uninstall(kubectl, overlay)
+
+
 @pytest.fixture(scope="session")
+def install(pytestconfig: pytest.Config, kubectl: kit.Kubectl, keep: bool) -> Any:
+    """``with install(overlay):`` the operator, for a module-scoped fixture of a scenario."""
+
+    def _install(overlay: Path) -> contextlib.AbstractContextManager[Path]:
+        return operator_installed(pytestconfig, kubectl, overlay, keep)
+
+    return _install
+
+
+@pytest.fixture(scope="module")
 def e2e(
-    kind_cluster: kit.KindCluster,
+    cluster: kit.Cluster,
     kubectl: kit.Kubectl,
     broker: kit.BrokerAPI,
     clients: dict[str, str],
     e2e_workdir: Path,
-) -> kit.Env:
-    """Everything the tests share: the cluster, kubectl, the broker, and the two credentials applied."""
-    kubectl.apply(kit.credential_objects(clients))
-    return kit.Env(cluster=kind_cluster, kubectl=kubectl, broker=broker, clients=clients, workdir=e2e_workdir)
+    tls: kit.TestCA,
+    install: Any,
+) -> Iterator[kit.Env]:
+    """``manifests/`` installed, and the two credentials of test_e2e.py applied."""
+    with install(kit.OVERLAY):
+        kubectl.apply(kit.credential_objects(clients, tls.ca_pem))
+        yield kit.Env(cluster=cluster, kubectl=kubectl, broker=broker, clients=clients, workdir=e2e_workdir, tls=tls)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reader_pod(e2e: kit.Env) -> str:
     """A pod mounting Secret autotek-token at /var/run/autotek, Ready."""
     e2e.wait_ready(kit.CREDENTIAL)

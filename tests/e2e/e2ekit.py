@@ -1,4 +1,5 @@
-"""Helpers for the end-to-end suite: kubectl, kind, docker, the in-cluster broker, the objects we apply.
+"""Helpers for the end-to-end suite: kubectl, the clusters (kind or the local node), the in-cluster broker
+over TLS, the objects we apply.
 
 Every external command runs with a timeout and every wait is bounded. ``kubectl`` always gets the
 suite's own kubeconfig (``--kubeconfig`` and ``KUBECONFIG``), never the user's current context.
@@ -9,10 +10,12 @@ and the diagnostics leave the broker's token list out.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -20,15 +23,26 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-OVERLAY = HERE / "overlay"
+OVERLAYS = HERE / "overlays"
+#: ``manifests/`` with the e2e image and settings (the component ``overlays/settings``).
+OVERLAY = OVERLAYS / "default"
+NAMESPACED_OVERLAY = OVERLAYS / "namespaced"
+ROLLOUT_RESTART_OVERLAY = OVERLAYS / "rollout-restart"
 
 IMAGE = "autotek-operator:e2e"
+#: The same image as a container runtime names it (a name without a registry is Docker Hub's library).
+IMAGE_REF = "docker.io/library/autotek-operator:e2e"
 OPERATOR_NS = "autotek-system"
 OPERATOR_DEPLOY = "autotek-operator"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=autotek-operator"
@@ -36,12 +50,13 @@ CRD_NAME = "autotekcredentials.autotek.io"
 
 NS = "autotek-e2e"
 BROKER = "autotek-broker"
-BROKER_PORT = 8080
+BROKER_PORT = 8443
 BROKER_LIFETIME = 30
-ALLOWED_TOKEN_URLS = (
-    "http://autotek-broker.autotek-e2e.svc.cluster.local:8080/,http://autotek-broker.autotek-e2e.svc:8080/"
-)
-TOKEN_URL = "http://autotek-broker.autotek-e2e.svc.cluster.local:8080/auth-broker/request-token"
+#: The broker's Service has this fixed ClusterIP (in the default 10.96.0.0/16 Service range of kind and
+#: of the local node): the operator reaches it by address, so no cluster DNS is needed.
+BROKER_IP = "10.96.203.17"
+ALLOWED_TOKEN_URLS = f"https://{BROKER_IP}:{BROKER_PORT}/"
+TOKEN_URL = f"https://{BROKER_IP}:{BROKER_PORT}/auth-broker/request-token"
 
 CLIENT_ID = "e2e-client"
 RETAIN_CLIENT_ID = "e2e-retain"
@@ -216,14 +231,18 @@ def restart_counts(pod: dict[str, Any]) -> dict[str, int]:
     return {c["name"]: int(c.get("restartCount", 0)) for c in (pod.get("status") or {}).get("containerStatuses") or []}
 
 
-# -- docker and kind ---------------------------------------------------------------------------
+# -- clusters ----------------------------------------------------------------------------------
 
 
 @dataclass
-class KindCluster:
+class Cluster:
+    flavour: str  # "kind" or "local"
     name: str
     kubeconfig: Path
     created: bool  # by this session (and so deleted at its end unless AUTOTEK_E2E_KEEP=1)
+
+
+# -- docker and kind ---------------------------------------------------------------------------
 
 
 def kind_clusters() -> list[str]:
@@ -270,6 +289,97 @@ def kind_load(name: str) -> None:
     run(["kind", "load", "docker-image", IMAGE, "--name", name], timeout=600)
 
 
+# -- TLS for the token endpoint ---------------------------------------------------------------
+
+
+@dataclass
+class TestCA:
+    """A CA made for one run and the broker's serving certificate (files in ``folder``)."""
+
+    folder: Path
+    ca_pem: str
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def create(cls, folder: Path) -> TestCA:
+        folder.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autotek-e2e test CA")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [
+            x509.IPAddress(ipaddress.ip_address(BROKER_IP)),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.DNSName("localhost"),
+            x509.DNSName(f"{BROKER}.{NS}.svc"),
+            x509.DNSName(f"{BROKER}.{NS}.svc.cluster.local"),
+        ]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BROKER)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+        paths = {"ca": folder / "ca.crt", "cert": folder / "tls.crt", "key": folder / "tls.key"}
+        paths["ca"].write_text(ca_pem)
+        paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths["key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        paths["key"].chmod(0o600)
+        return cls(folder=folder, ca_pem=ca_pem, **paths)
+
+    def tls_secret(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": f"{BROKER}-tls",
+                "namespace": NS,
+                "labels": {"app.kubernetes.io/part-of": "autotek-e2e"},
+            },
+            "stringData": {"tls.crt": self.cert.read_text(), "tls.key": self.key.read_text()},
+        }
+
+
 # -- the broker's control API, through kubectl port-forward -------------------------------------
 
 
@@ -280,18 +390,21 @@ class BrokerAPI:
     dies (it does when the connection to the pod breaks) the next call starts it again.
     """
 
-    def __init__(self, kubectl: Kubectl, log: Path) -> None:
+    def __init__(self, kubectl: Kubectl, log: Path, ca: Path) -> None:
         self.kubectl = kubectl
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-        # Never through an HTTP proxy from the environment: the target is our own loopback forward.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        # Never through an HTTP proxy from the environment: the target is our own loopback forward,
+        # served with the run's test CA.
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca))
+        )
         self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.stop()
@@ -315,7 +428,7 @@ class BrokerAPI:
                 )
             try:
                 return bool(self._raw("GET", "/_health", None, timeout=3).get("ok"))
-            except (OSError, ValueError):
+            except (OSError, ValueError, ssl.SSLError):
                 return False
 
         wait_for(f"kubectl port-forward to svc/{BROKER} on 127.0.0.1:{self.port}", healthy, timeout=30, interval=0.5)
@@ -395,30 +508,29 @@ def container_security_context() -> dict[str, Any]:
 
 def namespace_object() -> dict[str, Any]:
     # Pod Security "restricted" is enforced, so every pod the suite runs there must be hardened.
-    return {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {
-            "name": NS,
-            "labels": {"pod-security.kubernetes.io/enforce": "restricted", "app.kubernetes.io/part-of": "autotek-e2e"},
-        },
-    }
+    return hardened_namespace(NS)
 
 
-def broker_objects(clients: dict[str, str], lifetime: int = BROKER_LIFETIME) -> list[dict[str, Any]]:
-    """The token-endpoint double: a Secret with the client secrets, a Deployment and a Service.
+def broker_objects(clients: dict[str, str], tls: TestCA, lifetime: int = BROKER_LIFETIME) -> list[dict[str, Any]]:
+    """The token-endpoint double over TLS: Secrets (client secrets, serving cert), a Deployment, a Service.
 
     The secrets reach the broker's ``--client ID:SECRET`` arguments through ``$(VAR)`` expansion of
-    environment variables taken from the Secret, so they never show in the Deployment spec.
+    environment variables taken from the Secret, so they never show in the Deployment spec. The
+    Service has the fixed ClusterIP :data:`BROKER_IP` that the serving certificate names.
     """
     labels = {"app.kubernetes.io/name": BROKER, "app.kubernetes.io/part-of": "autotek-e2e"}
     env: list[dict[str, Any]] = []
     args = ["--host", "0.0.0.0", "--port", str(BROKER_PORT), "--lifetime", str(lifetime)]
+    args += ["--tls-cert", "/etc/broker-tls/tls.crt", "--tls-key", "/etc/broker-tls/tls.key"]
     for i, client_id in enumerate(sorted(clients)):
         var = f"BROKER_CLIENT_SECRET_{i}"
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": f"{BROKER}-clients", "key": client_id}}})
         args += ["--client", f"{client_id}:$({var})"]
-    probe = {"httpGet": {"path": "/_health", "port": "http"}, "periodSeconds": 2, "timeoutSeconds": 2}
+    probe = {
+        "httpGet": {"path": "/_health", "port": "https", "scheme": "HTTPS"},
+        "periodSeconds": 2,
+        "timeoutSeconds": 2,
+    }
     return [
         {
             "apiVersion": "v1",
@@ -427,6 +539,7 @@ def broker_objects(clients: dict[str, str], lifetime: int = BROKER_LIFETIME) -> 
             "metadata": {"name": f"{BROKER}-clients", "namespace": NS, "labels": labels},
             "stringData": dict(clients),
         },
+        tls.tls_secret(),
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -444,19 +557,21 @@ def broker_objects(clients: dict[str, str], lifetime: int = BROKER_LIFETIME) -> 
                             {
                                 "name": "broker",
                                 "image": IMAGE,
-                                "imagePullPolicy": "Never",  # loaded into the nodes by `kind load docker-image`
+                                "imagePullPolicy": "Never",  # loaded into the nodes, never pulled
                                 "command": ["python", "-m", "autotek_operator.dev.broker"],
                                 "args": args,
                                 "env": env,
-                                "ports": [{"name": "http", "containerPort": BROKER_PORT}],
+                                "ports": [{"name": "https", "containerPort": BROKER_PORT}],
                                 "readinessProbe": probe,
                                 "resources": {
                                     "requests": {"cpu": "10m", "memory": "32Mi"},
                                     "limits": {"memory": "128Mi"},
                                 },
                                 "securityContext": container_security_context(),
+                                "volumeMounts": [{"name": "tls", "mountPath": "/etc/broker-tls", "readOnly": True}],
                             }
                         ],
+                        "volumes": [{"name": "tls", "secret": {"secretName": f"{BROKER}-tls", "defaultMode": 0o440}}],
                     },
                 },
             },
@@ -466,38 +581,55 @@ def broker_objects(clients: dict[str, str], lifetime: int = BROKER_LIFETIME) -> 
             "kind": "Service",
             "metadata": {"name": BROKER, "namespace": NS, "labels": labels},
             "spec": {
+                "clusterIP": BROKER_IP,
                 "selector": {"app.kubernetes.io/name": BROKER},
-                "ports": [{"name": "http", "port": BROKER_PORT, "targetPort": "http"}],
+                "ports": [{"name": "https", "port": BROKER_PORT, "targetPort": "https"}],
             },
         },
     ]
 
 
-def credential_objects(clients: dict[str, str]) -> list[dict[str, Any]]:
+def client_secret_object(ns: str, name: str, client_id: str, clients: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/part-of": "autotek-e2e"}},
+        "stringData": {"client_id": client_id, "client_secret": clients[client_id]},
+    }
+
+
+def credential_object(
+    ns: str, name: str, secret: str, target: dict[str, Any], ca_pem: str, **spec: Any
+) -> dict[str, Any]:
+    """An AutoTekCredential for the in-cluster broker: its https URL, trusted through ``caBundle``."""
+    return {
+        "apiVersion": "autotek.io/v1alpha1",
+        "kind": "AutoTekCredential",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/part-of": "autotek-e2e"}},
+        "spec": {
+            "clientSecretRef": {"name": secret},
+            "tokenURL": TOKEN_URL,
+            "caBundle": ca_pem,
+            "target": target,
+            **spec,
+        },
+    }
+
+
+def credential_objects(clients: dict[str, str], ca_pem: str) -> list[dict[str, Any]]:
     """Client Secrets and the two AutoTekCredentials: ``autotek`` (Delete) and ``autotek-retain`` (Retain)."""
-
-    def client_secret(name: str, client_id: str) -> dict[str, Any]:
-        return {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {"name": name, "namespace": NS},
-            "stringData": {"client_id": client_id, "client_secret": clients[client_id]},
-        }
-
-    def credential(name: str, secret: str, target: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "apiVersion": "autotek.io/v1alpha1",
-            "kind": "AutoTekCredential",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"clientSecretRef": {"name": secret}, "tokenURL": TOKEN_URL, "target": target},
-        }
-
     return [
-        client_secret(CLIENT_SECRET_NAME, CLIENT_ID),
-        client_secret(RETAIN_CLIENT_SECRET_NAME, RETAIN_CLIENT_ID),
-        credential(CREDENTIAL, CLIENT_SECRET_NAME, {"name": TARGET}),
-        credential(RETAIN_CREDENTIAL, RETAIN_CLIENT_SECRET_NAME, {"name": RETAIN_TARGET, "deletionPolicy": "Retain"}),
+        client_secret_object(NS, CLIENT_SECRET_NAME, CLIENT_ID, clients),
+        client_secret_object(NS, RETAIN_CLIENT_SECRET_NAME, RETAIN_CLIENT_ID, clients),
+        credential_object(NS, CREDENTIAL, CLIENT_SECRET_NAME, {"name": TARGET}, ca_pem),
+        credential_object(
+            NS,
+            RETAIN_CREDENTIAL,
+            RETAIN_CLIENT_SECRET_NAME,
+            {"name": RETAIN_TARGET, "deletionPolicy": "Retain"},
+            ca_pem,
+        ),
     ]
 
 
@@ -524,6 +656,59 @@ def reader_pod_object() -> dict[str, Any]:
                 }
             ],
             "volumes": [{"name": "token", "secret": {"secretName": TARGET, "defaultMode": 0o440}}],
+        },
+    }
+
+
+# -- installing and removing the operator ------------------------------------------------------
+
+
+def operator_present(kubectl: Kubectl) -> bool:
+    return kubectl.get("deploy", OPERATOR_DEPLOY, OPERATOR_NS) is not None
+
+
+def install(kubectl: Kubectl, overlay: Path) -> None:
+    """``kubectl apply -k <overlay>``, then wait for the CRD and for every replica to be Ready."""
+    kubectl("apply", "-k", str(overlay), timeout=120)
+    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s", timeout=90)
+    kubectl("rollout", "status", "-n", OPERATOR_NS, f"deploy/{OPERATOR_DEPLOY}", "--timeout=240s", timeout=260)
+
+
+def uninstall(kubectl: Kubectl, overlay: Path) -> None:
+    """``kubectl delete -k <overlay>``, waiting until everything (the namespace too) is gone."""
+    kubectl("delete", "-k", str(overlay), "--ignore-not-found", "--wait=true", "--timeout=240s", timeout=270)
+
+
+def operator_logs(kubectl: Kubectl) -> dict[str, str]:
+    """Each operator pod's logs, current and previous container."""
+    out = {}
+    for pod in kubectl.operator_pods():
+        name = str(pod["metadata"]["name"])
+        out[name] = kubectl.logs("-n", OPERATOR_NS, f"pod/{name}", "--all-containers") + kubectl.logs(
+            "-n", OPERATOR_NS, f"pod/{name}", "--all-containers", "--previous"
+        )
+    return out
+
+
+def assert_no_denials_and_no_restarts(kubectl: Kubectl, extra_logs: Sequence[str] = ()) -> None:
+    """No 403/Forbidden in any operator log, and no operator container restarted."""
+    pods = kubectl.operator_pods()
+    assert pods, "no operator pods"
+    restarts = {str(p["metadata"]["name"]): restart_counts(p) for p in pods}
+    assert all(n == 0 for counts in restarts.values() for n in counts.values()), f"operator restarts: {restarts}"
+    logs = operator_logs(kubectl)
+    assert any(text.strip() for text in logs.values()), "the operator wrote no logs"
+    denials = rbac_denials("\n".join([*extra_logs, *logs.values()]))
+    assert not denials, "the operator was refused by the API server (RBAC):\n" + "\n".join(denials[:20])
+
+
+def hardened_namespace(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted", "app.kubernetes.io/part-of": "autotek-e2e"},
         },
     }
 
@@ -591,11 +776,12 @@ def rbac_denials(text: str) -> list[str]:
 
 @dataclass
 class Env:
-    cluster: KindCluster
+    cluster: Cluster
     kubectl: Kubectl
     broker: BrokerAPI
     clients: dict[str, str]
     workdir: Path
+    tls: TestCA
     #: What one test leaves for a later one (e.g. the logs of an operator pod it deleted).
     notes: dict[str, Any] = field(default_factory=dict)
 

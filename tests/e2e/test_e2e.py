@@ -1,8 +1,9 @@
-"""The operator's image on a kind cluster, as a user runs it: see conftest.py for how to run.
+"""The operator's image installed with ``kubectl apply -k manifests/``, as a user runs it (see conftest.py).
 
-The tests run in file order and share one cluster, one operator, one in-cluster token endpoint
-(30-second tokens, so a rotation about every 20 seconds) and two credentials; later tests rely on
-what earlier ones did (the last ones delete the credentials). Every wait is bounded.
+The tests run in file order and share one cluster, one operator (two replicas, leader election),
+one in-cluster token endpoint over TLS (30-second tokens, so a rotation about every 20 seconds) and
+two credentials; later tests rely on what earlier ones did (test 6 deletes the credentials, test 8
+uninstalls the operator the way docs/operations.md says). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -74,9 +75,45 @@ def test_1_credential_becomes_ready(e2e: Env) -> None:
     assert kit.parse_time(data["expires_at"]) > datetime.now(UTC)
     requests = e2e.broker.requests_for(CLIENT_ID)
     assert requests and all(r["status"] == 200 for r in requests), requests
+    # Over TLS, trusted only through the credential's caBundle (the run's own CA).
+    assert (cred or {})["spec"]["tokenURL"].startswith("https://")
+    assert (cred or {})["spec"]["caBundle"] == e2e.tls.ca_pem
 
     # The Retain credential (used by test 6) comes up too.
     e2e.wait_ready(RETAIN_CREDENTIAL)
+
+
+def _last_leader_state(text: str) -> str | None:
+    """``leading`` or ``following``: what the operator's log last said about leader election."""
+    found = re.findall(r"\b(leading: running passes|following: another replica)", text)
+    return found[-1].split(":")[0] if found else None
+
+
+def test_1b_two_replicas_ready_exactly_one_leading(e2e: Env) -> None:
+    """Both replicas pass their readiness probe (/readyz); the Lease names one of them, the only one leading."""
+    k = e2e.kubectl
+    deploy = k.get("deploy", kit.OPERATOR_DEPLOY, kit.OPERATOR_NS)
+    assert deploy is not None
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    probe = container.get("readinessProbe") or {}
+    assert (probe.get("httpGet") or {}).get("path") == "/readyz", f"no /readyz readiness probe: {probe}"
+    assert deploy["spec"]["replicas"] == 2
+
+    def two_ready() -> list[str] | None:
+        ready = [str(p["metadata"]["name"]) for p in k.operator_pods() if kit.pod_ready(p)]
+        return ready if len(ready) == 2 else None
+
+    pods = wait_for("two operator pods Ready", two_ready, timeout=120, interval=2)
+    holder = wait_for("the Lease to name a Ready operator pod", lambda: _leader(e2e) in pods and _leader(e2e), 60, 2)
+
+    def states() -> dict[str, str | None] | None:
+        found = {name: _last_leader_state(k.logs("-n", kit.OPERATOR_NS, f"pod/{name}")) for name in pods}
+        return found if found.get(holder) == "leading" else None
+
+    # A replica that starts as a follower says nothing until its state changes.
+    found = wait_for(f"the Lease holder {holder} to log that it leads", states, timeout=60, interval=2)
+    leading = sorted(name for name, state in found.items() if state == "leading")
+    assert leading == [holder], f"leader states {found}, Lease holder {holder}"
 
 
 # -- 2 -----------------------------------------------------------------------------------------
@@ -239,6 +276,9 @@ def _restart_loses_no_token(e2e: Env, delete: list[str], victims: set[str]) -> N
     k = e2e.kubectl
     token, status = _quiet_token(e2e, quiet_for=240)
     replicas = _replicas(e2e)
+    for pod in k.operator_pods():  # test 7 checks that no replica restarted, these ones included
+        if pod["metadata"]["name"] in victims:
+            e2e.notes.setdefault("deleted_operator_restarts", {})[pod["metadata"]["name"]] = kit.restart_counts(pod)
     for name in sorted(victims):  # their logs go with them; test 7 reads them
         e2e.notes.setdefault("deleted_operator_logs", []).append(
             k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers")
@@ -320,6 +360,24 @@ def test_5b_deleting_the_leader_hands_over_without_a_token_request(e2e: Env) -> 
         _restart_loses_no_token(e2e, [leader], {leader})
     finally:
         e2e.broker.control(lifetime=kit.BROKER_LIFETIME)
+    new_leader = _leader(e2e)
+    assert new_leader and new_leader != leader, f"the Lease still names {new_leader}"
+
+    # Rotation goes on under the new leader: a requested refresh brings a 30-second token, and the
+    # schedule then replaces it on its own, one token request per rotation.
+    count_before, began = e2e.count(), time.time()
+    held = e2e.token()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    e2e.kubectl("annotate", "atc", CREDENTIAL, "-n", NS, f"autotek.io/refresh-requested-at={stamp}", "--overwrite")
+    refreshed = wait_for("the requested refresh", lambda: (t := e2e.token()) != held and t, timeout=60, interval=1)
+    rotated = wait_for(
+        "a scheduled rotation by the new leader", lambda: (t := e2e.token()) != refreshed and t, timeout=90, interval=1
+    )
+    assert rotated in e2e.broker.stats()["tokens"]
+    times = sorted(float(r["time"]) for r in e2e.broker.requests_for(CLIENT_ID) if float(r["time"]) >= began)
+    assert len(times) == e2e.count() - count_before >= 2, times
+    burst = _spacing_problems(times)
+    assert not burst, f"token requests for {CLIENT_ID} closer than {MIN_SPACING:.0f}s after the hand-over: {burst}"
 
 
 # -- 6 -----------------------------------------------------------------------------------------
@@ -370,14 +428,108 @@ def test_6_deletion_policies(e2e: Env) -> None:
 # -- 7 -----------------------------------------------------------------------------------------
 
 
-def test_7_no_rbac_denials_in_the_operator_logs(e2e: Env) -> None:
-    """The operator's logs show no 403/Forbidden: every replica, previous containers, and the pods test 5 deleted."""
-    k = e2e.kubectl
-    pods = [str(p["metadata"]["name"]) for p in k.operator_pods()]
-    assert pods, "no operator pods"
-    current = [k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers") for name in pods]
-    previous = [k.logs("-n", kit.OPERATOR_NS, f"pod/{name}", "--all-containers", "--previous") for name in pods]
+def test_7_no_rbac_denials_and_no_restarts(e2e: Env) -> None:
+    """No 403/Forbidden in any operator log (every replica, previous containers, the pods tests 5 deleted);
+    no operator container ever restarted."""
     deleted = [str(text) for text in e2e.notes.get("deleted_operator_logs", [])]
-    assert any(text.strip() for text in current), "the operator wrote no logs"
-    denials = kit.rbac_denials("\n".join(deleted + previous + current))
-    assert not denials, "the operator was refused by the API server (RBAC):\n" + "\n".join(denials[:20])
+    kit.assert_no_denials_and_no_restarts(e2e.kubectl, deleted)
+    restarted = {n: c for n, c in e2e.notes.get("deleted_operator_restarts", {}).items() if any(c.values())}
+    assert not restarted, f"operator pods deleted by test 5 had restarted: {restarted}"
+
+
+# -- 8 -----------------------------------------------------------------------------------------
+
+UNINSTALL = {
+    # credential: (creationPolicy, deletionPolicy at creation)
+    "u-owned": ("Owner", "Delete"),
+    "u-kept": ("Owner", "Delete"),  # switched to Retain before the uninstall (step 1 of the docs)
+    "u-merge": ("Merge", "Delete"),
+    "u-merge-kept": ("Merge", "Retain"),
+}
+TOKEN_KEYS = {"access_token", "token_type", "authorization", "expires_at"}
+
+
+def test_8_uninstall_as_the_docs_say(e2e: Env) -> None:
+    """docs/operations.md "Uninstall": Retain what must survive, delete the credentials, ``kubectl delete -k``.
+
+    Afterwards the page's table holds: an Owner/Delete Secret is gone, an Owner Secret switched to
+    Retain keeps its (fresh) token, a Merge/Delete Secret keeps only what was there before the
+    operator wrote to it, a Merge/Retain Secret stays as it was; client Secrets stay; the operator's
+    namespace, RBAC and CRD are gone.
+    """
+    k = e2e.kubectl
+    mine = {"app_key": "mine"}
+    objects: list[dict[str, Any]] = []
+    for name, (creation, deletion) in UNINSTALL.items():
+        target = {"name": f"{name}-token", "creationPolicy": creation, "deletionPolicy": deletion}
+        if creation == "Merge":  # the Secret is the application's, and exists first
+            objects.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {
+                        "name": f"{name}-token",
+                        "namespace": NS,
+                        "labels": {"team": "shop"},
+                        "annotations": {"note": "mine"},
+                    },
+                    "stringData": mine,
+                }
+            )
+        objects.append(kit.credential_object(NS, name, kit.CLIENT_SECRET_NAME, target, e2e.tls.ca_pem))
+    k.apply(objects)
+    for name in UNINSTALL:
+        e2e.wait_ready(name)
+    for name in ("u-merge", "u-merge-kept"):
+        data = k.secret_data(NS, f"{name}-token") or {}
+        assert TOKEN_KEYS <= set(data) and data["app_key"] == "mine", sorted(data)
+
+    # 1. Retain what must survive; wait until the operator has dropped the owner reference.
+    kept_before = k.secret_data(NS, "u-kept-token") or {}
+    k("patch", "atc", "u-kept", "-n", NS, "--type", "merge", "-p", '{"spec":{"target":{"deletionPolicy":"Retain"}}}')
+
+    def unowned() -> bool:
+        secret = k.get("secret", "u-kept-token", NS) or {}
+        return bool(secret) and not secret["metadata"].get("ownerReferences")
+
+    wait_for("Secret u-kept-token to lose its owner reference", unowned, timeout=90, interval=1)
+    wait_for(
+        "a fresh token for the retained Secret (the spec changed)",
+        lambda: (k.secret_data(NS, "u-kept-token") or {}).get("access_token") != kept_before.get("access_token"),
+        timeout=60,
+        interval=1,
+    )
+
+    # 2. Delete the credentials while the operator still runs (the docs' `kubectl delete atc --all -A`,
+    #    here for the suite's own namespace).
+    k("delete", "atc", "--all", "-n", NS, "--wait=true", "--timeout=120s", timeout=150)
+
+    # 3. Remove the operator, its RBAC, its namespace and the CRD.
+    kit.uninstall(k, kit.OVERLAY)
+
+    wait_for(
+        "Secret u-owned-token (Owner, Delete) to be deleted",
+        lambda: k.get("secret", "u-owned-token", NS) is None,
+        timeout=60,
+        interval=1,
+    )
+    kept = k.get("secret", "u-kept-token", NS)
+    assert kept is not None and not kept["metadata"].get("ownerReferences"), "the retained Secret is gone or owned"
+    assert (k.secret_data(NS, "u-kept-token") or {}).get("access_token"), "the retained Secret lost its token"
+
+    merged = k.get("secret", "u-merge-token", NS)
+    assert merged is not None, "the Merge/Delete Secret was deleted (it belongs to the application)"
+    assert k.secret_data(NS, "u-merge-token") == mine, "the operator's keys should be gone, the application's kept"
+    assert merged["metadata"].get("labels") == {"team": "shop"}, merged["metadata"].get("labels")
+    annotations = merged["metadata"].get("annotations") or {}
+    assert annotations.get("note") == "mine"
+    assert not [a for a in annotations if a.startswith("autotek.io/")], annotations
+
+    merge_kept = k.secret_data(NS, "u-merge-kept-token") or {}
+    assert merge_kept.get("app_key") == "mine" and TOKEN_KEYS <= set(merge_kept), sorted(merge_kept)
+
+    assert k.get("secret", kit.CLIENT_SECRET_NAME, NS) is not None, "the client Secret is the user's to delete"
+    assert k.get("namespace", kit.OPERATOR_NS) is None
+    assert k.get("crd", kit.CRD_NAME) is None
+    assert k.get("clusterrole", kit.OPERATOR_DEPLOY) is None
+    assert k.get("clusterrolebinding", kit.OPERATOR_DEPLOY) is None

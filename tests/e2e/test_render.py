@@ -1,4 +1,4 @@
-"""The e2e kustomize overlay and the objects the suite applies, checked without a cluster.
+"""The e2e kustomize overlays and the objects the suite applies, checked without a cluster.
 
 Runs in ``make test`` wherever kubectl is installed (``kubectl kustomize`` needs no cluster); not
 marked ``e2e``, so it does not need ``--with-e2e``.
@@ -16,6 +16,8 @@ from typing import Any
 import e2ekit as kit
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from autotek_operator import config
 from autotek_operator.token_client import url_allowed
@@ -29,6 +31,14 @@ def _render(path: Path) -> list[dict[str, Any]]:
     )
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+#: Each e2e overlay and the repository's kustomization it stands for.
+OVERLAYS = {
+    "default": kit.ROOT / "manifests",
+    "namespaced": kit.ROOT / "manifests" / "overlays" / "namespaced",
+    "rollout-restart": kit.ROOT / "manifests" / "overlays" / "rollout-restart",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +82,11 @@ def test_overlay_sets_the_e2e_image_and_env(rendered: list[dict[str, Any]]) -> N
     assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
-def test_overlay_changes_nothing_else(rendered: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
-    """The overlay is ``kubectl apply -k manifests/`` with the image and two settings changed, nothing more."""
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_overlay_changes_nothing_else(name: str) -> None:
+    """Each e2e overlay is its kustomization with the image and two settings changed, nothing more."""
+    assert (kit.OVERLAYS / name).resolve() in {kit.OVERLAY, kit.NAMESPACED_OVERLAY, kit.ROLLOUT_RESTART_OVERLAY}
+    rendered, base = _render(kit.OVERLAYS / name), _render(OVERLAYS[name])
     patched = {"AUTOTEK_ALLOWED_TOKEN_URLS", "AUTOTEK_LOG_LEVEL"}
 
     def normalised(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -99,22 +112,24 @@ def test_overlay_changes_nothing_else(rendered: list[dict[str, Any]], base: list
         c["image"] for d in rendered if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]
     }
     assert images == {kit.IMAGE}
+    env = {e["name"]: e.get("value") for e in _container(_deployment(rendered))["env"]}
+    assert env["AUTOTEK_ALLOWED_TOKEN_URLS"] == kit.ALLOWED_TOKEN_URLS
 
 
 def test_the_operator_allows_the_in_cluster_token_url(rendered: list[dict[str, Any]]) -> None:
     """The rendered setting, read by the operator's own parser, allows the broker's token URL (both DNS forms)."""
     env = {e["name"]: e.get("value") for e in _container(_deployment(rendered))["env"]}
     settings = config.from_env({"AUTOTEK_ALLOWED_TOKEN_URLS": env["AUTOTEK_ALLOWED_TOKEN_URLS"]})
+    assert kit.TOKEN_URL.startswith(f"https://{kit.BROKER_IP}:{kit.BROKER_PORT}/")
     assert url_allowed(kit.TOKEN_URL, settings.allowed_token_urls)
-    assert url_allowed(
-        "http://autotek-broker.autotek-e2e.svc:8080/auth-broker/request-token", settings.allowed_token_urls
-    )
+    assert not url_allowed(kit.TOKEN_URL.replace("https:", "http:"), settings.allowed_token_urls)
     assert not url_allowed("https://api.autograb.com.au/auth-broker/request-token", settings.allowed_token_urls)
 
 
-def test_in_cluster_objects_are_hardened_and_keep_secrets_out_of_specs() -> None:
+def test_in_cluster_objects_are_hardened_and_keep_secrets_out_of_specs(tmp_path: Path) -> None:
     clients = {kit.CLIENT_ID: "cs-secret-one", kit.RETAIN_CLIENT_ID: "cs-secret-two"}
-    broker = kit.broker_objects(clients)
+    tls = kit.TestCA.create(tmp_path)
+    broker = kit.broker_objects(clients, tls)
     deploy = next(o for o in broker if o["kind"] == "Deployment")
     pod_specs = [deploy["spec"]["template"]["spec"], kit.reader_pod_object()["spec"]]
     for spec in pod_specs:
@@ -132,10 +147,32 @@ def test_in_cluster_objects_are_hardened_and_keep_secrets_out_of_specs() -> None
     assert "cs-secret-one" not in text and "cs-secret-two" not in text
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--client" in args and f"{kit.CLIENT_ID}:$(BROKER_CLIENT_SECRET_0)" in args
-    creds = {o["metadata"]["name"]: o for o in kit.credential_objects(clients) if o["kind"] == "AutoTekCredential"}
+    # The TLS key travels in a Secret too; the Service has the address the certificate names.
+    assert tls.key.read_text() not in text
+    service = next(o for o in broker if o["kind"] == "Service")
+    assert service["spec"]["clusterIP"] == kit.BROKER_IP
+    creds = {
+        o["metadata"]["name"]: o
+        for o in kit.credential_objects(clients, tls.ca_pem)
+        if o["kind"] == "AutoTekCredential"
+    }
     assert creds[kit.CREDENTIAL]["spec"]["target"] == {"name": kit.TARGET}
     assert creds[kit.RETAIN_CREDENTIAL]["spec"]["target"]["deletionPolicy"] == "Retain"
     assert all(c["spec"]["tokenURL"] == kit.TOKEN_URL for c in creds.values())
+    assert all(c["spec"]["caBundle"] == tls.ca_pem for c in creds.values())
+
+
+def test_the_broker_certificate_verifies_against_the_test_ca(tmp_path: Path) -> None:
+    """The serving certificate chains to the run's CA and names the Service address and loopback."""
+    tls = kit.TestCA.create(tmp_path)
+    cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+    assert cert.issuer == ca.subject
+    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    addresses = {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+    assert addresses == {kit.BROKER_IP, "127.0.0.1"}
+    assert tls.ca_pem.startswith("-----BEGIN CERTIFICATE-----")
 
 
 def test_rbac_denial_pattern() -> None:

@@ -378,8 +378,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.images.save(image, archive)
             run(
                 step,
-                ["ctr", "--address", str(self.containerd_sock), "--namespace", "k8s.io", "images", "import",
-                 str(archive)],
+                [
+                    "ctr",
+                    "--address",
+                    str(self.containerd_sock),
+                    "--namespace",
+                    "k8s.io",
+                    "images",
+                    "import",
+                    str(archive),
+                ],
                 timeout=600,
                 log=self.log("image-import"),
             )
@@ -520,12 +528,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         )
 
         def proxied() -> bool:
-            proc = run("kube-proxy", ["iptables", "-w", "5", "-t", "nat", "-S", "KUBE-SERVICES"], timeout=20,
-                       check=False)
+            proc = run(
+                "kube-proxy", ["iptables", "-w", "5", "-t", "nat", "-S", "KUBE-SERVICES"], timeout=20, check=False
+            )
             return proc.returncode == 0 and b"default/kubernetes" in proc.stdout
 
-        wait_until("kube-proxy", "kube-proxy's rules for the `kubernetes` Service", proxied, 60, interval=1,
-                   log=self.log("kube-proxy"), alive=self._alive)
+        wait_until(
+            "kube-proxy",
+            "kube-proxy's rules for the `kubernetes` Service",
+            proxied,
+            60,
+            interval=1,
+            log=self.log("kube-proxy"),
+            alive=self._alive,
+        )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -605,8 +621,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         try:
             self.kubectl("cordon", self.node_name, timeout=30, check=False)
             self.kubectl(
-                "delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=false", timeout=60,
-                check=False
+                "delete",
+                "pods",
+                "--all",
+                "--all-namespaces",
+                "--grace-period=1",
+                "--wait=false",
+                timeout=60,
+                check=False,
             )
 
             def stopped() -> bool:
@@ -788,15 +810,17 @@ def _remove_kubelet_rules() -> list[str]:
 
 def _remove_cni_masquerade() -> list[str]:
     """The bridge plugin's per-pod masquerade rules (comment ``name: "autotek-e2e" id: ...``) and chains."""
-    proc = subprocess.run(["iptables", "-w", "5", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        ["iptables", "-w", "5", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True, timeout=30
+    )
     removed = 0
     for line in proc.stdout.splitlines():
         if f'name: \\"{CNI_NETWORK}\\"' not in line and f'name: "{CNI_NETWORK}"' not in line:
             continue
         target = re.search(r"-j (CNI-[0-9a-f]+)", line)
-        rule = subprocess.run(["sh", "-c", f"iptables -w 5 -t nat {line.replace('-A ', '-D ', 1)}"],
-                              capture_output=True, timeout=30)
+        rule = subprocess.run(
+            ["sh", "-c", f"iptables -w 5 -t nat {line.replace('-A ', '-D ', 1)}"], capture_output=True, timeout=30
+        )
         if rule.returncode == 0:
             removed += 1
         if target:
@@ -841,6 +865,11 @@ def _supervisor_pid(state: Path) -> int | None:
     return pid if start_time(pid) == doc.get("start") else None
 
 
+def running(state: Path = DEFAULT_STATE) -> bool:
+    """Whether a node that ``localnode.py up`` started from this state folder is up."""
+    return _supervisor_pid(state) is not None and (LocalNode(state).info() or {}).get("status") == "ready"
+
+
 def serve(state: Path, build: list[str]) -> int:
     """Bring the node up, report through ``supervisor.json``, and keep it up until SIGTERM/SIGINT."""
     status_file = state / "supervisor.json"
@@ -871,7 +900,7 @@ def serve(state: Path, build: list[str]) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     state: Path = args.state
     node = LocalNode(state)
-    if _supervisor_pid(state) is not None and (node.info() or {}).get("status") == "ready":
+    if running(state):
         say(f"the node is already up; kubeconfig {node.kubeconfig}")
     else:
         cmd_down(args)
@@ -884,8 +913,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         for tag in args.build or []:
             argv += ["--build", tag]
         with log.open("ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         say(f"supervisor pid {proc.pid}, log {log}")
         deadline = time.monotonic() + args.timeout
         while True:
