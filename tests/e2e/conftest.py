@@ -308,6 +308,22 @@ def _local_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator
 
 
 @pytest.fixture(scope="session")
+def e2e_assets(pytestconfig: pytest.Config) -> Path:
+    """The Kubernetes binaries a local node runs; for tests that start a node of their own before the
+    session's (there can be only one on a machine at a time)."""
+    import localnode
+
+    if cluster_flavour(pytestconfig) != "local":
+        pytest.skip("needs --e2e-cluster=local")
+    if kit.DIAGNOSTICS.kubectl is not None or localnode.running():
+        pytest.skip("a local node is already up on this machine")
+    node = localnode.LocalNode()
+    with TIMINGS.stage("packages"):
+        localnode.ensure_packages(node.logs)
+    return node.assets
+
+
+@pytest.fixture(scope="session")
 def cluster(pytestconfig: pytest.Config, e2e_workdir: Path, keep: bool) -> Iterator[kit.Cluster]:
     flavour = cluster_flavour(pytestconfig)
     source = _local_cluster if flavour == "local" else _kind_cluster

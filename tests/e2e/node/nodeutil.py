@@ -288,7 +288,13 @@ class Timings:
             say(f"{name}: {seconds:.1f}s")
 
     def add(self, name: str, seconds: float) -> None:
-        self.stages.append((name, seconds))
+        """Record a stage; a stage that ran before (e.g. packages, checked twice) adds to its first row."""
+        for i, (known, before) in enumerate(self.stages):
+            if known == name:
+                self.stages[i] = (name, before + seconds)
+                break
+        else:
+            self.stages.append((name, seconds))
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.stages))
