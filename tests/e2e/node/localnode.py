@@ -576,7 +576,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for key, value in SYSCTLS.items():
             path = Path("/proc/sys") / key
             if not path.exists():
-                if key.startswith("net/bridge/"):
+                if key.startswith("net/bridge/") and shutil.which("modprobe"):
                     # br_netfilter may be a module; without it Service traffic between pods is not NATed.
                     run("sysctls", ["modprobe", "br_netfilter"], timeout=30, check=False)
                 if not path.exists():
@@ -667,12 +667,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         done += self._stop_leftover_plane()
         done += self._kill_shims_and_containers()
         done += self._unmount()
-        done += self._network_cleanup()
-        done += self._restore_sysctls()
         for link in Path("/var/log/containers").glob("*.log") if Path("/var/log/containers").is_dir() else []:
             with contextlib.suppress(OSError):
                 if str(self.run_dir) in os.readlink(link):
                     link.unlink()
+        done += self._network_cleanup()
+        done += self._restore_sysctls()
         if self.run_dir.exists():
             shutil.rmtree(self.run_dir, ignore_errors=True)
             if self.run_dir.exists():
@@ -767,6 +767,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             done.append("kube-proxy --cleanup")
         done += _remove_cni_masquerade()
         done += _remove_kubelet_rules()
+        done += _remove_empty_system_dirs()
         return done
 
     def _restore_sysctls(self) -> list[str]:
@@ -778,6 +779,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 (Path("/proc/sys") / key).write_text(value)
         restore.unlink(missing_ok=True)
         return ["restored sysctls"]
+
+
+#: Folders that kubelet, the runc shim and CNI create at fixed places whatever our configuration says;
+#: removed at the end when nothing but our own leftovers is in them.
+SYSTEM_DIRS = (
+    "/var/lib/kubelet/device-plugins",
+    "/var/lib/kubelet",
+    "/run/containerd/runc/k8s.io",
+    "/run/containerd/runc",
+    "/run/containerd/s",
+    "/run/containerd",
+    "/var/lib/cni/results",
+    "/var/lib/cni",
+    "/var/log/containers",
+)
+
+
+def _remove_empty_system_dirs() -> list[str]:
+    removed = []
+    # The kubelet's device-plugin socket: nothing else listens there once our kubelet is stopped.
+    Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink(missing_ok=True)
+    for folder in SYSTEM_DIRS:
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()  # only when empty
+            removed.append(folder)
+    return [f"removed empty {', '.join(removed)}"] if removed else []
 
 
 def _has_chain(table: str, chain: str) -> bool:

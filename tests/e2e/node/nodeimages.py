@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -250,7 +251,7 @@ def host_pip_config(out: Path) -> tuple[Path, Path | None]:
     settings: dict[str, str] = {}
     try:
         proc = subprocess.run(
-            ["python3", "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
         )
         listing = proc.stdout
     except (OSError, subprocess.SubprocessError):
