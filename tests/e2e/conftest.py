@@ -288,9 +288,12 @@ def _local_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator
                 pytest.exit(f"local node: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
         kubeconfig = workdir / "kubeconfig"
         shutil.copy2(node.kubeconfig, kubeconfig)
+        if not running:  # a node `localnode.py up` started keeps its logs in .cache/localnode/logs
+            kit.DIAGNOSTICS.node = node.diagnostics
         try:
             yield kit.Cluster("local", node.node_name, kubeconfig, created=not running)
         finally:
+            kit.DIAGNOSTICS.node = None
             if not running:
                 if keep:
                     _say(

@@ -821,6 +821,8 @@ class _Diagnostics:
     kubectl: Kubectl | None = None
     broker: BrokerAPI | None = None
     workdir: Path | None = None
+    #: What the cluster itself can tell (the local node: its components' state and log tails).
+    node: Callable[[], str] | None = None
 
 
 #: Set by the session fixtures as they come up, so a failure in any phase can be explained.
@@ -872,6 +874,11 @@ def diagnostics() -> str:
         except CommandError as exc:
             body = str(exc)
         parts.append(f"$ kubectl {' '.join(args)}\n{body}")
+    if DIAGNOSTICS.node is not None:
+        try:
+            parts.append(f"local node:\n{DIAGNOSTICS.node()}")
+        except OSError as exc:
+            parts.append(f"local node: {exc}")
     if DIAGNOSTICS.broker is not None:
         try:
             parts.append(f"broker /_stats (tokens left out):\n{DIAGNOSTICS.broker.summary()}")

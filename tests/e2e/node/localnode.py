@@ -109,11 +109,14 @@ KUBELET_SYNC_FREQUENCY = "20s"
 
 def host_address() -> str:
     """The address of the interface that holds the default route (pods reach the API server there)."""
-    proc = subprocess.run(["ip", "-4", "-o", "route", "get", "192.0.2.123"], capture_output=True, text=True)
+    # `ip route get` only looks the route up; nothing is sent.
+    proc = subprocess.run(["ip", "-4", "-o", "route", "get", "1.1.1.1"], capture_output=True, text=True, timeout=10)
     found = re.search(r"\bsrc (\S+)", proc.stdout)
     if found and not ipaddress.ip_address(found.group(1)).is_loopback:
         return found.group(1)
-    proc = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, timeout=10
+    )
     for match in re.finditer(r"inet (\d+\.\d+\.\d+\.\d+)/", proc.stdout):
         return match.group(1)
     raise NodeError("address", "this machine has no global IPv4 address for pods to reach the API server on")
@@ -216,10 +219,20 @@ class LocalNode:
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.sockets.mkdir(parents=True, exist_ok=True)
+        try:
+            controlplane.check_assets(self.assets, NODE_BINARIES)
+        except controlplane.ControlPlaneError as exc:
+            raise NodeError("assets", f"{exc} (make envtest unpacks them; or set KUBEBUILDER_ASSETS)") from exc
         self.address = host_address()
+        try:
+            # The API server reaches the kubelet (logs, exec, port-forward) by the node's name.
+            socket.getaddrinfo(self.node_name, KUBELET_PORT)
+        except OSError as exc:
+            raise NodeError(
+                "address", f"the node name {self.node_name!r} does not resolve ({exc}): add it to /etc/hosts"
+            ) from exc
         self._record_netns()
         self._sysctls()
-        controlplane.check_assets(self.assets, NODE_BINARIES)
 
         plane = controlplane.ControlPlane(
             self.assets,
@@ -503,6 +516,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if dead:
                 return dead, child.log
         return None
+
+    def diagnostics(self, lines: int = 30) -> str:
+        """For a failed test's report: which components are no longer running, and the tails of their logs."""
+        parts = []
+        for name, child in self.children.items():
+            dead = child.dead()
+            if dead or name in ("kubelet", "containerd"):
+                parts.append(f"{name}: {dead or 'running'}; last lines of {child.log}:\n{file_tail(child.log, lines)}")
+        if self.plane is not None:
+            for name, pid in self.plane.pids().items():
+                if start_time(pid) is None:
+                    parts.append(f"{name} is no longer running:\n{self.plane.log_tail(name, lines)}")
+        return "\n\n".join(parts) or "(no node components)"
 
     def _wait_ready(self) -> None:
         kubelet = self.children["kubelet"]
@@ -964,7 +990,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"the node was not up within {args.timeout:.0f}s:\n{file_tail(log)}", file=sys.stderr)
                 return 1
             time.sleep(1)
-        print(Timings(state / "timings.json").table(), file=sys.stderr)
+        print(Timings.read(state / "timings.json").table(), file=sys.stderr)
     if args.kubeconfig_out:
         shutil.copy2(node.kubeconfig, args.kubeconfig_out)
         os.chmod(args.kubeconfig_out, 0o600)

@@ -272,9 +272,14 @@ class Timings:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.stages: list[tuple[str, float]] = []
-        if path is not None and path.exists():
-            with contextlib.suppress(OSError, ValueError):
-                self.stages = [(str(n), float(s)) for n, s in json.loads(path.read_text())]
+
+    @classmethod
+    def read(cls, path: Path) -> Timings:
+        """The stages another process wrote to ``path`` (for display)."""
+        timings = cls()
+        with contextlib.suppress(OSError, ValueError):
+            timings.stages = [(str(n), float(s)) for n, s in json.loads(path.read_text())]
+        return timings
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -152,9 +152,12 @@ def test_timings_add_up_and_survive_a_new_process(tmp_path: Path) -> None:
     timings.add("packages", 1.5)
     with timings.stage("node up"):
         pass
-    again = nodeutil.Timings(path)
+    timings.add("packages", 0.5)
+    again = nodeutil.Timings.read(path)
     assert [name for name, _ in again.stages] == ["packages", "node up"]
+    assert again.stages[0] == ("packages", 2.0)
     assert "packages" in again.table() and "total" in again.table()
+    assert nodeutil.Timings(path).stages == [], "a new run starts from nothing"
 
 
 # -- images ---------------------------------------------------------------------------------------
