@@ -14,9 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import Broker, Cluster, Operator, wait_for
-
-from conftest import Client
+from harness import Broker, Client, Cluster, Operator, wait_for
 
 pytestmark = pytest.mark.integration
 
