@@ -551,6 +551,35 @@ class ControllerManager:
 # -- the plane --------------------------------------------------------------------------------
 
 
+def install_crds(api: Any, crds: Sequence[dict[str, Any]], timeout: float = 60.0) -> None:
+    """Create each CRD unless it exists and wait until all are Established (envtest's InstallCRDs).
+
+    ``api`` is a kubernetes ``ApiClient`` with the rights to create CRDs. A CRD that exists already
+    is left as it is: other sessions and workers may share it, so nothing here deletes one."""
+    from kubernetes.client import ApiextensionsV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    ext = ApiextensionsV1Api(api)
+    for crd in crds:
+        try:
+            ext.create_custom_resource_definition(crd)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    pending = {crd["metadata"]["name"] for crd in crds}
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(pending):
+            conditions = ext.read_custom_resource_definition(name).status.conditions or []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                pending.discard(name)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(f"CRDs not Established within {timeout:.0f} s: {', '.join(sorted(pending))}")
+        time.sleep(0.2)
+
+
 class ControlPlane:
     """etcd + kube-apiserver (+ kube-controller-manager) on loopback, with one CA and per-user kubeconfigs."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from test_crd import EXAMPLES, INVALID, STATUS, VALID, Case, minimal, resource
 
+import controlplane
 from autotek_operator import constants as c
 
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
@@ -40,20 +40,7 @@ class Server:
 
     def install_crd(self) -> None:
         """Create the CRD unless it exists (other workers share it; it is never deleted) and wait for it."""
-        ext = kubernetes.client.ApiextensionsV1Api(self.api)
-        crd = crdcheck.load_crd()
-        try:
-            ext.create_custom_resource_definition(crd)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            conditions = ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
-            if any(x.type == "Established" and x.status == "True" for x in conditions):
-                return
-            time.sleep(0.2)
-        raise AssertionError("the CRD was not Established within 30 s")
+        controlplane.install_crds(self.api, [crdcheck.load_crd()])
 
     def create(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Create ``doc`` in this module's namespace, dry run, strict field validation; the stored object."""

@@ -34,6 +34,8 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from rbac import MANIFESTS, SCOPE_LABEL, Identity, Rbac, bare, new_scope, one, selector
 
+import controlplane
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "autotekcredentials.autotek.io.yaml"
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
@@ -161,17 +163,7 @@ class Cluster:
             self._install_crd()
 
     def _install_crd(self) -> None:
-        ext = kubernetes.client.ApiextensionsV1Api(self.api)
-        crd = yaml.safe_load(CRD_FILE.read_text())
-        try:
-            ext.create_custom_resource_definition(crd)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        wait_for("the CRD to be established", lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in (ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or [])
-        ))
+        controlplane.install_crds(self.api, [yaml.safe_load(CRD_FILE.read_text())])
 
     def stop(self) -> None:
         if self.rbac is not None:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+import controlplane
 from autotek_operator import kubectl_plugin
 from autotek_operator.dev.broker import BrokerServer
 from autotek_operator.dev.emulator import EmulatorThread
@@ -66,22 +67,7 @@ class Kube:
 
     def install_crd(self) -> None:
         """Create the CRD unless it exists (shared with other workers: never deleted) and wait for it."""
-        import time
-
-        ext = kubernetes.client.ApiextensionsV1Api(self.api)
-        crd = yaml.safe_load(CRD_FILE.read_text())
-        try:
-            ext.create_custom_resource_definition(crd)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            conditions = ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
-            if any(x.type == "Established" and x.status == "True" for x in conditions):
-                return
-            time.sleep(0.2)
-        raise AssertionError("the CRD was not Established within 30 s")
+        controlplane.install_crds(self.api, [yaml.safe_load(CRD_FILE.read_text())])
 
     def versions(self, ns: str) -> dict[tuple[str, str], str]:
         """(kind, name) -> resourceVersion of every credential, Secret and Event in ``ns``."""
