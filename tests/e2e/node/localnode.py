@@ -660,9 +660,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             def stopped() -> bool:
                 proc = self.ctr("drain", "tasks", "list", timeout=20, check=False)
                 lines = proc.stdout.decode(errors="replace").splitlines()[1:]
-                return proc.returncode == 0 and all("RUNNING" not in line for line in lines)
+                running = proc.returncode != 0 or any("RUNNING" in line for line in lines)
+                # A sandbox's network is released (CNI DEL) after its containers stop.
+                return not running and not _cni_results()
 
-            wait_until("drain", "every pod stopped", stopped, 60, interval=1)
+            wait_until("drain", "every pod stopped and its network released", stopped, 60, interval=1)
         except NodeError as exc:
             return [f"drain incomplete: {exc}"]
         return ["deleted every pod"]
@@ -822,8 +824,16 @@ SYSTEM_DIRS = (
 )
 
 
+def _cni_results() -> list[Path]:
+    """libcni's cached results for our network's sandboxes (one file per attachment, until CNI DEL)."""
+    folder = Path("/var/lib/cni/results")
+    return sorted(folder.glob(f"{CNI_NETWORK}-*")) if folder.is_dir() else []
+
+
 def _remove_empty_system_dirs() -> list[str]:
     removed = []
+    for result in _cni_results():  # the sandboxes they describe are gone by now
+        result.unlink(missing_ok=True)
     # The kubelet's device-plugin socket: nothing else listens there once our kubelet is stopped.
     Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink(missing_ok=True)
     for folder in SYSTEM_DIRS:
