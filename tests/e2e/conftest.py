@@ -90,13 +90,16 @@ SCENARIOS: dict[str, float] = {}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("autotek-e2e", "autotek-operator end-to-end tests")
-    group.addoption(
-        "--e2e-cluster",
-        choices=FLAVOURS,
-        default=None,
-        help="where the end-to-end tests run: kind (default; Docker and kind) or local (a node on this "
-        f"machine, root); the environment variable {CLUSTER_ENV} does the same",
-    )
+    # Registered here for `pytest tests/e2e ...`; a conftest higher up may register it too (for
+    # `pytest tests ...`, where this file is read only after the command line), which is fine.
+    with contextlib.suppress(ValueError):
+        group.addoption(
+            "--e2e-cluster",
+            choices=FLAVOURS,
+            default=None,
+            help="where the end-to-end tests run: kind (default; Docker and kind) or local (a node on this "
+            f"machine, root); the environment variable {CLUSTER_ENV} does the same",
+        )
 
 
 def _truthy(value: str | None) -> bool:
