@@ -34,9 +34,10 @@ Environment
 
 What a run does
 ---------------
-1. The image: ``docker build -t autotek-operator:e2e .`` (kind), or on the local node
-   ``podman build --network host --pull=never`` of the same Dockerfile (its base image pulled, or
-   made from Debian packages when no registry is reachable; cached under ``.cache/localnode``);
+1. The image: ``docker build -t autotek-operator:e2e -t autotek-operator:0.1.0 .`` (kind; the second
+   name is the one ``manifests/`` installs), or on the local node ``podman build --network host
+   --pull=never`` of the same Dockerfile (its base image pulled, or made from Debian packages when no
+   registry is reachable; cached under ``.cache/localnode``);
 2. the cluster: ``kind create cluster`` + ``kind load docker-image``; or the local node
    (``node/localnode.py``: control plane, containerd, kubelet, kube-proxy, kube-scheduler) +
    ``podman save | ctr images import``; a node already started with ``localnode.py up`` is used as is;
@@ -45,8 +46,8 @@ What a run does
    CA made for the run, 30-second tokens, client secrets generated per run) behind a Service with
    the fixed address ``10.96.203.17``, reached from here through ``kubectl port-forward``;
 4. the scenarios, each installing the operator with ``kubectl apply -k tests/e2e/overlays/<name>``
-   (the repository's kustomization plus ``overlays/settings``: the e2e image, the broker as the only
-   allowed token URL, DEBUG logs) and removing it at its end: ``test_e2e.py`` (``manifests/``:
+   (the repository's kustomization plus ``overlays/settings``, which changes one thing: the broker is
+   the only allowed token URL) and removing it at its end: ``test_e2e.py`` (``manifests/``:
    rotation, pods reading the token, leader hand-over, deletion policies, logs, and the uninstall
    that docs/operations.md describes), ``test_e2e_namespaced.py``, ``test_e2e_rollout_restart.py``;
 5. deletes the cluster it created (kind) or stops the node (local).
@@ -226,7 +227,7 @@ def keep() -> bool:
 
 def _kind_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator[kit.Cluster]:
     with TIMINGS.stage("image build"):
-        _say(config, f"docker build -t {kit.IMAGE} {kit.ROOT}")
+        _say(config, f"docker build -t {' -t '.join(kit.IMAGES)} {kit.ROOT}")
         kit.docker_build(workdir / "docker-build.log")
     kubeconfig = workdir / "kubeconfig"
     given = os.environ.get("KIND_CLUSTER", "").strip()
@@ -242,7 +243,7 @@ def _kind_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator[
                 _say(config, f"using the existing kind cluster {name} (KIND_CLUSTER)")
             kit.kind_kubeconfig(name, kubeconfig)
         with TIMINGS.stage("load image"):
-            _say(config, f"kind load docker-image {kit.IMAGE} --name {name}")
+            _say(config, f"kind load docker-image {' '.join(kit.IMAGES)} --name {name}")
             kit.kind_load(name)
     except BaseException:
         if delete_at_end:
@@ -270,6 +271,7 @@ def _local_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator
 
     node = localnode.LocalNode(timings=TIMINGS)
     running = localnode.running(node.state)
+    refs = [kit.image_ref(image) for image in kit.IMAGES]
     # SIGTERM (CI stopping the run) unwinds like Ctrl-C, so the node below is stopped and cleaned up.
     previous = signal.getsignal(signal.SIGTERM)
     if previous in (signal.SIG_DFL, None):
@@ -278,15 +280,15 @@ def _local_cluster(config: pytest.Config, workdir: Path, keep: bool) -> Iterator
         if running:
             _say(config, f"using the local node that `localnode.py up` started ({node.kubeconfig})")
             try:
-                node.build_images([kit.IMAGE_REF])
+                node.build_images(refs)
                 with TIMINGS.stage("load image"):
-                    node.load_image(kit.IMAGE_REF)
+                    node.load_image(*refs)
             except nodeutil.NodeError as exc:
                 pytest.exit(f"local node: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
         else:
             _say(config, f"bringing up a local node (state and logs in {node.state}); this takes a few minutes")
             try:
-                node.up(build=[kit.IMAGE_REF])
+                node.up(build=refs)
             except nodeutil.NodeError as exc:
                 pytest.exit(f"local node: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
         kubeconfig = workdir / "kubeconfig"

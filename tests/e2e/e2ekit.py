@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,9 +41,32 @@ OVERLAY = OVERLAYS / "default"
 NAMESPACED_OVERLAY = OVERLAYS / "namespaced"
 ROLLOUT_RESTART_OVERLAY = OVERLAYS / "rollout-restart"
 
+#: The image the suite builds, under the name its own pods (broker, readers, applications) use...
 IMAGE = "autotek-operator:e2e"
-#: The same image as a container runtime names it (a name without a registry is Docker Hub's library).
-IMAGE_REF = "docker.io/library/autotek-operator:e2e"
+
+
+def _manifest_image() -> str:
+    """The operator image ``manifests/`` refers to (``images:`` of manifests/base)."""
+    doc = yaml.safe_load((ROOT / "manifests" / "base" / "kustomization.yaml").read_text())
+    for image in doc.get("images") or []:
+        if image.get("name") == "autotek-operator":
+            return f"{image.get('newName', 'autotek-operator')}:{image.get('newTag', 'latest')}"
+    raise AssertionError("manifests/base/kustomization.yaml names no image for autotek-operator")
+
+
+#: ...and under the name the manifests install, so that ``kubectl apply -k manifests/`` runs it unchanged.
+OPERATOR_IMAGE = _manifest_image()
+IMAGES = (IMAGE, OPERATOR_IMAGE)
+
+
+def image_ref(name: str) -> str:
+    """The name as a container runtime stores it (a name without a registry is Docker Hub's library)."""
+    first = name.split("/", 1)[0]
+    if "/" in name and ("." in first or ":" in first or first == "localhost"):
+        return name
+    return f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
+
+
 OPERATOR_NS = "autotek-system"
 OPERATOR_DEPLOY = "autotek-operator"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=autotek-operator"
@@ -279,14 +303,17 @@ def kind_delete(name: str, kubeconfig: Path) -> None:
 
 
 def docker_build(log: Path) -> None:
-    proc = run(["docker", "build", "-t", IMAGE, "."], timeout=1800, cwd=ROOT, check=False)
+    tags = [arg for image in IMAGES for arg in ("-t", image)]
+    proc = run(["docker", "build", *tags, "."], timeout=1800, cwd=ROOT, check=False)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise CommandError(f"docker build -t {IMAGE} . failed (full log: {log}):\n{_tail(proc.stdout + proc.stderr)}")
+        raise CommandError(
+            f"docker build {' '.join(tags)} . failed (full log: {log}):\n{_tail(proc.stdout + proc.stderr)}"
+        )
 
 
 def kind_load(name: str) -> None:
-    run(["kind", "load", "docker-image", IMAGE, "--name", name], timeout=600)
+    run(["kind", "load", "docker-image", *IMAGES, "--name", name], timeout=600)
 
 
 # -- TLS for the token endpoint ---------------------------------------------------------------

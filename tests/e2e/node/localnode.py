@@ -2,7 +2,7 @@
 """A one-machine Kubernetes node for the end-to-end suite, from upstream binaries and Debian packages.
 
     .venv/bin/python tests/e2e/node/localnode.py up [--build] [--kubeconfig-out PATH]
-    .venv/bin/python tests/e2e/node/localnode.py load-image autotek-operator:e2e
+    .venv/bin/python tests/e2e/node/localnode.py load-image docker.io/library/autotek-operator:e2e
     .venv/bin/python tests/e2e/node/localnode.py status
     .venv/bin/python tests/e2e/node/localnode.py down
     .venv/bin/python tests/e2e/node/localnode.py build     # only the packages and the images
@@ -205,8 +205,7 @@ class LocalNode:
                 raise
         if build:
             with self.timings.stage("load image"):
-                for tag in build:
-                    self.load_image(tag)
+                self.load_image(*build)
         return self.kubeconfig
 
     def build_images(self, tags: list[str]) -> None:
@@ -276,7 +275,7 @@ class LocalNode:
         )
 
         self._start_containerd()
-        self._import(nodeimages.PAUSE_IMAGE, "pause image")
+        self._import(nodeimages.PAUSE_IMAGE, step="pause image")
         self._start_scheduler(scheduler_kc)
         self._start_kube_proxy(proxy_kc)
         self._start_kubelet(kubelet_kc, ca)
@@ -385,10 +384,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             input=input,
         )
 
-    def _import(self, image: str, step: str) -> None:
+    def _import(self, *images: str, step: str) -> None:
         with tempfile.TemporaryDirectory(prefix="image-", dir=self.run_dir) as tmp:
             archive = Path(tmp) / "image.tar"
-            self.images.save(image, archive)
+            self.images.save(list(images), archive)
             run(
                 step,
                 [
@@ -405,11 +404,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 log=self.log("image-import"),
             )
 
-    def load_image(self, image: str) -> None:
-        """``podman save`` the image into this node's containerd (``ctr images import``)."""
+    def load_image(self, *images: str) -> None:
+        """``podman save`` the images (one archive) into this node's containerd (``ctr images import``)."""
         if not self.containerd_sock.exists():
             raise NodeError("load image", f"the node is not up (no {self.containerd_sock})")
-        self._import(image, "load image")
+        self._import(*images, step="load image")
 
     def _start_scheduler(self, kubeconfig: Path) -> None:
         port = controlplane.free_port()
@@ -1038,7 +1037,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_load_image(args: argparse.Namespace) -> int:
-    LocalNode(args.state).load_image(args.image)
+    LocalNode(args.state).load_image(*args.image)
     return 0
 
 
@@ -1061,8 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--timeout", type=float, default=1500, help="seconds to wait for the node (default 1500)")
     sub.add_parser("down", help="stop everything and clean up (idempotent)")
     sub.add_parser("status", help="what runs; exit 0 when the node is up")
-    load = sub.add_parser("load-image", help="copy an image from podman into the node")
-    load.add_argument("image")
+    load = sub.add_parser("load-image", help="copy images from podman into the node")
+    load.add_argument("image", nargs="+")
     build = sub.add_parser("build", help="install packages, make the base image, build the project's image")
     build.add_argument("--tag", action="append")
     serve_p = sub.add_parser("_serve")

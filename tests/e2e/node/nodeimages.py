@@ -213,8 +213,19 @@ class Images:
             log=log,
         )
 
-    def save(self, image: str, into: Path) -> None:
-        self.podman("load image", "save", "--format", "docker-archive", "-o", str(into), image, timeout=300)
+    def save(self, images: list[str], into: Path) -> None:
+        """One docker-archive with every name in ``images`` (what ``ctr images import`` reads)."""
+        self.podman(
+            "load image",
+            "save",
+            "--multi-image-archive",
+            "--format",
+            "docker-archive",
+            "-o",
+            str(into),
+            *images,
+            timeout=300,
+        )
 
 
 def pause_key() -> str:
