@@ -734,7 +734,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     os.kill(pid, signal.SIGKILL)
                 done.append(f"killed leftover shim (pid {pid})")
         cgroup_root = Path("/sys/fs/cgroup")
-        killed = 0
+        killed: set[int] = set()
         for controller in ("pids", "memory", "cpu", "freezer", "systemd", "unified"):
             kubepods = cgroup_root / controller / "kubepods"
             if not kubepods.is_dir():
@@ -743,11 +743,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 with contextlib.suppress(OSError):
                     for line in procs.read_text().split():
                         with contextlib.suppress(ProcessLookupError, ValueError):
-                            os.kill(int(line), signal.SIGKILL)
-                            killed += 1
+                            if int(line) not in killed:
+                                os.kill(int(line), signal.SIGKILL)
+                                killed.add(int(line))
         if killed:
-            done.append(f"killed {killed} leftover container processes")
+            done.append(f"killed {len(killed)} leftover container processes")
             time.sleep(0.5)
+        # What the killed shims kept at fixed places: runc's state, the shim's socket and CNI's cache, per task.
+        tasks = self.run_dir / "containerd" / "state" / "io.containerd.runtime.v2.task" / "k8s.io"
+        for task in tasks.iterdir() if tasks.is_dir() else []:
+            shutil.rmtree(Path("/run/containerd/runc/k8s.io") / task.name, ignore_errors=True)
+            digest = hashlib.sha256(os.path.join(self.containerd_sock, "k8s.io", task.name).encode()).hexdigest()
+            Path("/run/containerd/s", digest).unlink(missing_ok=True)
+            results = Path("/var/lib/cni/results")  # libcni's cache (our network's and the loopback's)
+            for result in results.glob(f"*-{task.name}-*") if results.is_dir() else []:
+                result.unlink(missing_ok=True)
         for controller_dir in cgroup_root.iterdir() if cgroup_root.is_dir() else []:
             kubepods = controller_dir / "kubepods"
             if kubepods.is_dir():
