@@ -10,7 +10,7 @@ ENVTEST_DIR := .cache/envtest
 # Variables that point the tests at a real API server; unset for the emulator tier.
 REAL_CLUSTER_ENV := KUBEBUILDER_ASSETS AUTOTEK_TEST_KUBECONFIG AUTOTEK_TEST_CONTROLPLANE
 
-.PHONY: help venv test test-real test-emulator envtest unit integration lint typecheck demo bench e2e audit clean
+.PHONY: help venv test test-real test-emulator envtest unit integration lint typecheck demo bench e2e e2e-local audit clean
 
 help:
 	@echo "make demo   - run the operator against an embedded Kubernetes API and a local token endpoint"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-real - make test against a real control plane from $(ENVTEST_DIR)"
 	@echo "make test-emulator - the cluster-facing tiers (integration, kubectl plugin) against the API emulator"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker and kind)"
+	@echo "make e2e-local - end-to-end tests on a node on this machine (root, Debian; installs containerd, podman... when missing)"
 	@echo "make bench  - benchmarks (BENCH_ARGS=--quick for a short run)"
 	@echo "make audit  - audit the pinned dependencies for known vulnerabilities (needs network)"
 
@@ -66,6 +67,11 @@ demo: $(STAMP)
 
 e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e --with-e2e
+
+# The same suite on a one-node cluster run here: the control plane from $(ENVTEST_DIR), containerd,
+# kubelet, kube-proxy and kube-scheduler; the image built with podman from the Dockerfile.
+e2e-local: envtest $(STAMP)
+	env $(addprefix -u ,$(REAL_CLUSTER_ENV)) $(BIN)/pytest -q tests/e2e --with-e2e --e2e-cluster=local
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

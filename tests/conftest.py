@@ -1,6 +1,6 @@
 """Options and the Kubernetes API for the whole test tree.
 
-``--with-e2e`` is registered here so that ``pytest tests --with-e2e`` works.
+``--with-e2e`` and ``--e2e-cluster`` are registered here so that ``pytest tests --with-e2e`` works.
 
 When ``KUBEBUILDER_ASSETS`` names a folder with ``kube-apiserver`` and ``etcd`` (and optionally
 ``kube-controller-manager``), the main pytest process starts one real control plane
@@ -46,8 +46,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--with-e2e",
         action="store_true",
         default=False,
-        help="run the end-to-end tests in tests/e2e on a kind cluster (needs Docker, kind and kubectl); "
-        "the environment variable AUTOTEK_E2E=1 does the same",
+        help="run the end-to-end tests in tests/e2e, on kind (Docker, kind and kubectl) or on a node on this "
+        "machine (--e2e-cluster=local); the environment variable AUTOTEK_E2E=1 does the same",
+    )
+    group.addoption(
+        "--e2e-cluster",
+        choices=("kind", "local"),
+        default=None,
+        help="where the end-to-end tests run: kind (default; Docker and kind) or local (a node on this "
+        "machine, root); the environment variable AUTOTEK_E2E_CLUSTER does the same",
     )
 
 
