@@ -94,7 +94,7 @@ def check_assets(directory: str | os.PathLike[str] | None, names: Sequence[str] 
         except OSError as exc:
             raise ControlPlaneError(f"{path} cannot be run: {exc}") from exc
         if done.returncode != 0:
-            out = _last_lines(done.stdout + done.stderr, 10)
+            out = text_tail(done.stdout + done.stderr, 10)
             raise ControlPlaneError(f"{path} --version exited with code {done.returncode}:\n{out}")
     return folder
 
@@ -115,11 +115,13 @@ def binary_version(path: Path) -> str:
 # -- small helpers ---------------------------------------------------------------------------
 
 
-def _last_lines(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+def text_tail(text: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of ``text``."""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def file_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file (read from its last 64 KiB), or why there are none."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
@@ -128,7 +130,7 @@ def _tail(path: Path, lines: int = 40) -> str:
             data = f.read().decode(errors="replace")
     except OSError as exc:
         return f"(no log at {path}: {exc})"
-    return _last_lines(data, lines) or f"({path} is empty)"
+    return text_tail(data, lines) or f"({path} is empty)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -140,7 +142,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+def die_with_parent(parent: int) -> Callable[[], None]:
     """A preexec_fn: the child gets SIGKILL when the thread that started it ends (Linux)."""
 
     def preexec() -> None:
@@ -177,7 +179,7 @@ class Process:
         try:
             self.proc = subprocess.Popen(
                 list(cmd), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
-                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
+                start_new_session=True, preexec_fn=die_with_parent(os.getpid()),
             )
         except OSError as exc:
             self._close_log()
@@ -192,7 +194,7 @@ class Process:
         return self.proc.poll() if self.proc is not None else None
 
     def tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+        return file_tail(self.log_path, lines)
 
     def fail(self, what: str, lines: int = 40) -> ControlPlaneError:
         return ControlPlaneError(f"{self.name}: {what}; last lines of {self.log_path}:\n{self.tail(lines)}")
@@ -497,7 +499,7 @@ class APIServer:
         def readyz() -> str | None:
             status, body = admin("/readyz")
             text = body.decode(errors="replace").strip()
-            return None if status == 200 and text == "ok" else f"/readyz {status}: {_last_lines(text, 3)}"
+            return None if status == 200 and text == "ok" else f"/readyz {status}: {text_tail(text, 3)}"
 
         _wait_until(self.process, f"{self.url}/readyz answered ok", readyz, deadline)
 
@@ -751,7 +753,7 @@ class ControlPlane:
         known = ("etcd", "kube-apiserver", "kube-controller-manager")
         if component not in known:
             raise ControlPlaneError(f"unknown component {component!r}; one of {', '.join(known)}")
-        return _tail(self.workdir / "logs" / f"{component}.log", lines)
+        return file_tail(self.workdir / "logs" / f"{component}.log", lines)
 
     @classmethod
     def attach(cls, workdir: Path) -> ControlPlane:

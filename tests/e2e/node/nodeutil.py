@@ -9,7 +9,6 @@ can stop them even when the starter is gone.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -20,9 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TypeVar
 
+from controlplane import die_with_parent, file_tail, text_tail
+
 T = TypeVar("T")
 
-_PR_SET_PDEATHSIG = 1
 
 
 class NodeError(RuntimeError):
@@ -36,22 +36,6 @@ class NodeError(RuntimeError):
         if tail:
             text += f"\n--- last lines of {log if log is not None else 'the output'} ---\n{tail}"
         super().__init__(text)
-
-
-def file_tail(path: Path, lines: int = 40) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode(errors="replace")
-    except OSError as exc:
-        return f"(no log: {exc})"
-    return text_tail(data, lines)
-
-
-def text_tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def say(message: str) -> None:
@@ -147,16 +131,6 @@ def wait_until(
 # -- processes ---------------------------------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    def preexec() -> None:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
 def start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if it is gone."""
     try:
@@ -202,7 +176,7 @@ class Child:
                     env=env,
                     cwd=cwd,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(os.getpid()),
+                    preexec_fn=die_with_parent(os.getpid()),
                 )
             except OSError as exc:
                 raise NodeError(self.name, f"cannot start {cmd[0]}: {exc}", self.log) from exc
