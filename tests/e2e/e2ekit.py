@@ -10,7 +10,6 @@ and the diagnostics leave the broker's token list out.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import os
 import re
@@ -23,15 +22,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from token_client.servers import make_ca, make_server_cert
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -332,66 +329,19 @@ class TestCA:
     @classmethod
     def create(cls, folder: Path) -> TestCA:
         folder.mkdir(parents=True, exist_ok=True)
-        now = datetime.now(UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autotek-e2e test CA")])
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(ca_key, hashes.SHA256())
+        ca = make_ca("autotek-e2e test CA")
+        cert_pem, key_pem = make_server_cert(
+            ca,
+            ips=(BROKER_IP, "127.0.0.1"),
+            dns=("localhost", f"{BROKER}.{NS}.svc", f"{BROKER}.{NS}.svc.cluster.local"),
+            name=BROKER,
         )
-        key = ec.generate_private_key(ec.SECP256R1())
-        sans: list[x509.GeneralName] = [
-            x509.IPAddress(ipaddress.ip_address(BROKER_IP)),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.DNSName("localhost"),
-            x509.DNSName(f"{BROKER}.{NS}.svc"),
-            x509.DNSName(f"{BROKER}.{NS}.svc.cluster.local"),
-        ]
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BROKER)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )
-        ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
         paths = {"ca": folder / "ca.crt", "cert": folder / "tls.crt", "key": folder / "tls.key"}
-        paths["ca"].write_text(ca_pem)
-        paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths["key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        paths["ca"].write_text(ca.pem)
+        paths["cert"].write_bytes(cert_pem)
+        paths["key"].write_bytes(key_pem)
         paths["key"].chmod(0o600)
-        return cls(folder=folder, ca_pem=ca_pem, **paths)
+        return cls(folder=folder, ca_pem=ca.pem, **paths)
 
     def tls_secret(self) -> dict[str, Any]:
         return {

@@ -175,19 +175,22 @@ def make_ca(name: str) -> CA:
     return CA(key, cert)
 
 
-def make_server_cert(ca: CA, ips: Iterable[str] = ("127.0.0.1",)) -> tuple[bytes, bytes]:
+def make_server_cert(
+    ca: CA, ips: Iterable[str] = ("127.0.0.1",), dns: Iterable[str] = (), name: str = "broker-double"
+) -> tuple[bytes, bytes]:
+    """A serving certificate for ``ips`` and ``dns`` names signed by ``ca``: (cert PEM, key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    sans += [x509.DNSName(d) for d in dns]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker-double")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(hours=1))
         .not_valid_after(_now() + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False
-        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
