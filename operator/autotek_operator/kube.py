@@ -142,6 +142,10 @@ def _leases(namespace: str, *name: str) -> str:
     return _path("apis", "coordination.k8s.io", "v1", "namespaces", namespace, "leases", *name)
 
 
+def _workload(kind: str, namespace: str, name: str) -> str:
+    return _path("apis", "apps", "v1", "namespaces", namespace, WORKLOADS[kind], name)
+
+
 def _credentials(namespace: str, *rest: str) -> str:
     return _path("apis", c.GROUP, c.VERSION, "namespaces", namespace, c.PLURAL, *rest)
 
@@ -205,15 +209,14 @@ class Kube:
 
     @api_call("apps", tuple(WORKLOADS.values()), "get", feature="rollout-restart")
     def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        path = _path("apis", "apps", "v1", "namespaces", namespace, WORKLOADS[kind], name)
-        result: dict[str, Any] | None = _request_or_none(self.api_client, "GET", path)
+        result: dict[str, Any] | None = _request_or_none(self.api_client, "GET", _workload(kind, namespace, name))
         return result
 
     @api_call("apps", tuple(WORKLOADS.values()), "patch", feature="rollout-restart")
     def restart_workload(self, kind: str, namespace: str, name: str, when: str) -> bool:
         """Bump the pod template's restartedAt annotation, as ``kubectl rollout restart`` does."""
-        path = _path("apis", "apps", "v1", "namespaces", namespace, WORKLOADS[kind], name)
         body = {"spec": {"template": {"metadata": {"annotations": {c.ANN_RESTARTED_AT: when}}}}}
+        path = _workload(kind, namespace, name)
         return _request_or_none(self.api_client, "PATCH", path, body, content_type=MERGE_PATCH) is not None
 
     @api_call(c.GROUP, c.PLURAL, "get")

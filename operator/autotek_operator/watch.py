@@ -155,16 +155,20 @@ class ListWatch:
         urllib3 response (its JSON is parsed here, not by the client's models)."""
         raise NotImplementedError
 
+    def _selected(self, ns: str | None, **kw: Any) -> Any:
+        """``_request`` with the label selector, which lists and watches alike must carry."""
+        if self.label_selector:
+            kw["label_selector"] = self.label_selector
+        return self._request(ns, **kw)
+
     def _list(self, ns: str | None) -> str:
         keys: set[Key] = set()
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"limit": self.page_size, "_request_timeout": (CONNECT_TIMEOUT, 60.0)}
-            if self.label_selector:
-                kw["label_selector"] = self.label_selector
             if token:
                 kw["_continue"] = token
-            doc = json.loads(self._request(ns, **kw).data)
+            doc = json.loads(self._selected(ns, **kw).data)
             items = doc.get("items") or []
             batch: Batch = []
             for item in items:
@@ -187,12 +191,10 @@ class ListWatch:
             "timeout_seconds": self.timeout,
             "_request_timeout": (CONNECT_TIMEOUT, self.timeout + 15),
         }
-        if self.label_selector:
-            kw["label_selector"] = self.label_selector
         if version:
             kw["resource_version"] = version
         try:
-            resp = self._request(ns, **kw)
+            resp = self._selected(ns, **kw)
         except ApiException as exc:
             if exc.status == 410:
                 raise _Expired() from None
