@@ -133,6 +133,18 @@ def file_tail(path: Path, lines: int = 40) -> str:
     return text_tail(data, lines) or f"({path} is empty)"
 
 
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
+    """Poll ``fn`` until it returns something truthy (returned); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (bind to port 0 and release it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -12,14 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 import controlplane
-from controlplane import ControlPlane, ControlPlaneError, check_assets
+from controlplane import ControlPlane, ControlPlaneError, check_assets, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSION_TIMEOUT = 60  # seconds a failing session may take, bad plane included
@@ -103,14 +102,6 @@ def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def wait_for(what: str, fn: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- check_assets ----------------------------------------------------------------------------------
@@ -225,7 +216,7 @@ def test_children_die_with_the_process_that_started_them(tmp_path: Path) -> None
     """)])
     try:
         logs = workdir / "logs"
-        apiserver_pid = wait_for("the fake apiserver", lambda: pids_in(
+        apiserver_pid = wait_for("the fake apiserver", timeout=30, interval=0.1, fn=lambda: pids_in(
             (logs / "kube-apiserver.log").read_text() if (logs / "kube-apiserver.log").exists() else "",
             "fake apiserver"))
         etcd_pid = pids_in((logs / "etcd.log").read_text(), "fake etcd")

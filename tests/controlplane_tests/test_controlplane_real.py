@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import requests
 from kubernetes.client.exceptions import ApiException
 
 import controlplane
+from controlplane import wait_for
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("KUBEBUILDER_ASSETS"),
@@ -23,15 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +101,19 @@ def test_a_binding_grants_exactly_its_rules(plane: controlplane.ControlPlane, ad
     assert err.value.status == 403
 
 
-def _allowed(call: Callable[[], Any]) -> bool:
+def _answered(call: Callable[[], Any], unless: int) -> bool:
+    """Whether ``call`` succeeds: False if the API answers ``unless``; any other error is raised."""
     try:
         call()
     except ApiException as exc:
-        if exc.status == 403:
+        if exc.status == unless:
             return False
         raise
     return True
+
+
+def _allowed(call: Callable[[], Any]) -> bool:
+    return _answered(call, unless=403)
 
 
 def test_a_service_account_kubeconfig_authenticates_as_the_service_account(
@@ -156,13 +152,7 @@ def test_new_namespaces_get_a_default_service_account(admin: kubernetes.client.A
 
 
 def _exists(call: Callable[[], Any]) -> bool:
-    try:
-        call()
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return _answered(call, unless=404)
 
 
 def test_garbage_collector_deletes_a_dependent_of_a_deleted_owner(admin: kubernetes.client.ApiClient,
