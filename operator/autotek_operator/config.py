@@ -48,6 +48,12 @@ class Settings:
     leader_election_namespace: str = "autotek-system"
     #: AUTOTEK_LEADER_ELECTION_ID: the Lease's name.
     leader_election_id: str = "autotek-operator"
+    #: AUTOTEK_LEADER_ELECTION_LEASE_DURATION: seconds a Lease unrenewed for this long may be taken over.
+    leader_election_lease_duration: int = 30
+    #: AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE: seconds without a renewal after which a leader steps down.
+    leader_election_renew_deadline: int = 20
+    #: AUTOTEK_LEADER_ELECTION_RETRY_PERIOD: seconds between two renewals or checks of the Lease.
+    leader_election_retry_period: int = 5
 
     @property
     def clusterwide(self) -> bool:
@@ -71,6 +77,9 @@ ENV = {
     "leader_election": "AUTOTEK_LEADER_ELECTION",
     "leader_election_namespace": "AUTOTEK_LEADER_ELECTION_NAMESPACE",
     "leader_election_id": "AUTOTEK_LEADER_ELECTION_ID",
+    "leader_election_lease_duration": "AUTOTEK_LEADER_ELECTION_LEASE_DURATION",
+    "leader_election_renew_deadline": "AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE",
+    "leader_election_retry_period": "AUTOTEK_LEADER_ELECTION_RETRY_PERIOD",
 }
 
 
@@ -179,4 +188,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         values["leader_election_namespace"] = lease_ns
     if raw["leader_election_id"]:
         values["leader_election_id"] = raw["leader_election_id"]
+    timings = {
+        key: _int(ENV[key], raw[key], 1, 3600) if raw[key] else default
+        for key, default in (
+            ("leader_election_lease_duration", Settings.leader_election_lease_duration),
+            ("leader_election_renew_deadline", Settings.leader_election_renew_deadline),
+            ("leader_election_retry_period", Settings.leader_election_retry_period),
+        )
+    }
+    values.update(timings)
+    lease, renew, retry = timings.values()
+    # As client-go: the leader must step down before another may take over, and renew more than once.
+    if not retry < renew < lease:
+        raise ConfigError(
+            f"AUTOTEK_LEADER_ELECTION_RETRY_PERIOD ({retry}) < AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE ({renew}) < "
+            f"AUTOTEK_LEADER_ELECTION_LEASE_DURATION ({lease}) must hold"
+        )
     return Settings(**values)  # type: ignore[arg-type]

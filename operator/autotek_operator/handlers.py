@@ -122,6 +122,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             identity=identity(),
             clock=utcnow,
             monotonic=time.monotonic,
+            lease_duration=float(s.leader_election_lease_duration),
+            renew_deadline=float(s.leader_election_renew_deadline),
+            retry_period=float(s.leader_election_retry_period),
         )
         STATE.election = asyncio.create_task(_elect(STATE.elector, runtime), name="autotek-election")
     else:

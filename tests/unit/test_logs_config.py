@@ -28,6 +28,15 @@ def test_defaults() -> None:
     assert (s.log_format, s.log_level, s.health_port, s.metrics_port) == ("text", "INFO", 8080, 9090)
     assert (s.http_timeout, s.max_concurrent_token_requests, s.workers) == (10.0, 8, 8)
     assert s.leader_election is False and s.rollout_restart is False and s.restart_min_interval == 300
+    assert (s.leader_election_lease_duration, s.leader_election_renew_deadline, s.leader_election_retry_period) == (
+        30, 20, 5)
+
+
+def test_leader_election_timings() -> None:
+    s = config.from_env({"AUTOTEK_LEADER_ELECTION_LEASE_DURATION": "60", "AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE": "40",
+                         "AUTOTEK_LEADER_ELECTION_RETRY_PERIOD": "10"})
+    assert (s.leader_election_lease_duration, s.leader_election_renew_deadline, s.leader_election_retry_period) == (
+        60, 40, 10)
 
 
 def test_values() -> None:
@@ -62,6 +71,12 @@ def test_values() -> None:
         ({"AUTOTEK_WORKERS": "-1"}, "AUTOTEK_WORKERS"),
         ({"AUTOTEK_LEADER_ELECTION": "maybe"}, "AUTOTEK_LEADER_ELECTION"),
         ({"AUTOTEK_RESTART_MIN_INTERVAL": "1e9"}, "AUTOTEK_RESTART_MIN_INTERVAL"),
+        ({"AUTOTEK_LEADER_ELECTION_LEASE_DURATION": "0"}, "AUTOTEK_LEADER_ELECTION_LEASE_DURATION"),
+        ({"AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE": "soon"}, "AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE"),
+        ({"AUTOTEK_LEADER_ELECTION_RETRY_PERIOD": "-5"}, "AUTOTEK_LEADER_ELECTION_RETRY_PERIOD"),
+        # The renew deadline must be shorter than the Lease, the retry period shorter than the deadline.
+        ({"AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE": "30"}, "AUTOTEK_LEADER_ELECTION_LEASE_DURATION"),
+        ({"AUTOTEK_LEADER_ELECTION_RETRY_PERIOD": "20"}, "AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], needle: str) -> None:
