@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchkit as bk
 import profiling
 
-PHASES = ("bare", "ready", "rotation", "idle", "restart", "dedup", "bad", "profile")
+PHASES = ("bare", "backlog", "lean", "ready", "rotation", "idle", "restart", "dedup", "bad", "profile")
+LEAN_THREADS = "4,8,16,32"
 LONG_LIFETIME = 3600.0
 WORKERS = 8  # AUTOTEK_WORKERS default, used by the bare loop too
 MAX_CONCURRENT_TOKEN_REQUESTS = 8  # AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS default
@@ -74,22 +75,26 @@ def seed(cluster: bk.Cluster, broker: bk.Broker, name: str, n: int) -> tuple[str
     return warm, ns, seed_s
 
 
-def wait_ready(cluster: bk.Cluster, ns: str, n: int, t0: float, timeout: float) -> dict[str, Any]:
-    """Poll until all ``n`` credentials of ``ns`` are Ready; times (from ``t0``) to 50 %, 90 %, 100 %."""
-    interval = (0.1 if n <= 1000 else 0.25 if n <= 5000 else 0.5) if cluster.emulated else (0.5 if n <= 1000 else 1.0)
-    marks: dict[str, float | None] = {"t50": None, "t90": None, "t100": None}
-    ready = 0
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        _, ready = cluster.ready_count(ns)
-        now = time.time() - t0
-        for key, share in (("t50", 0.5), ("t90", 0.9), ("t100", 1.0)):
-            if marks[key] is None and ready >= share * n:
-                marks[key] = round(now, 2)
-        if ready >= n:
-            break
-        time.sleep(interval)
-    return {**marks, "ready": ready, "timed_out": ready < n, "poll_interval": interval}
+def wait_ready(cluster: bk.Cluster, ns: str, n: int, t0: float, timeout: float, watch: Any = None) -> dict[str, Any]:
+    """Wait until all ``n`` credentials of ``ns`` are Ready; times (from ``t0``) to 50 %, 90 %, 100 %.
+
+    ``watch`` (``cluster.ready_watch(ns)``, started before ``t0``) is used and stopped; without one a
+    watcher is started now (on a real API server its list sees what became Ready before)."""
+    own = watch is None
+    w = cluster.ready_watch(ns) if own else watch
+    try:
+        return w.wait(n, t0, timeout)  # type: ignore[no-any-return]
+    finally:
+        w.stop()
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+    """CPU seconds of each control-plane process between two samples, and as % of one core."""
+    out: dict[str, Any] = {}
+    for name in sorted(set(before) & set(after)):
+        used = after[name] - before[name]
+        out[name] = {"cpu_s": round(used, 2), "pct_of_core": round(100.0 * used / seconds, 1) if seconds > 0 else None}
+    return out
 
 
 class LogCounter:
@@ -194,7 +199,7 @@ class Run:
 
     def bare(self) -> None:
         n = self.n
-        cluster = bk.Cluster(self.workdir, "bare", self.kubeconfig)
+        cluster = bk.Cluster(self.workdir, "bare", self.kubeconfig, self.args.api)
         broker = bk.Broker(self.workdir, "bare")
         try:
             broker.control(lifetime=LONG_LIFETIME)
@@ -238,6 +243,138 @@ class Run:
             broker.stop()
             cluster.stop()
 
+    # -- backlog and lean loop --------------------------------------------------------------------
+
+    def _seed_backlog(self, cluster: bk.Cluster, broker: bk.Broker, prefix: str) -> tuple[str, float]:
+        """A fresh namespace holding N client Secrets and N credentials (known to the broker)."""
+        ns = cluster.create_namespace(prefix)
+        clients, secrets_s = cluster.create_client_secrets(ns, self.n)
+        broker.add_clients(clients)
+        creds_s = cluster.create_credentials(ns, self.n, broker.token_url)
+        return ns, secrets_s + creds_s
+
+    def backlog_and_lean(self) -> None:
+        """One API server for both: the operator started over a backlog, then the lean loop at each
+        concurrency, each in a fresh namespace with the same N credentials and client Secrets."""
+        n = self.n
+        cluster = bk.Cluster(self.workdir, "backlog", self.kubeconfig, self.args.api)
+        broker = bk.Broker(self.workdir, "backlog")
+        op: bk.Operator | None = None
+        try:
+            broker.control(lifetime=LONG_LIFETIME)
+            if self.on("backlog"):
+                ns, seed_s = self._seed_backlog(cluster, broker, "bench-backlog")
+                cluster.operator_kubeconfig()  # the ServiceAccount exists before the clock starts
+                time.sleep(2.0)  # let the seeding's own load settle
+                watch = cluster.ready_watch(ns)
+                m0, c0 = cluster.request_counts(), cluster.component_cpu()
+                op = bk.Operator(cluster, broker, self.workdir / "operator-backlog.log")
+                t0 = op.started
+                ready = wait_ready(cluster, ns, n, t0, timeout=max(180.0, n * 0.2), watch=watch)
+                t1 = time.time()
+                sample = op.watch.sample() or op.watch.last()
+                c1 = cluster.component_cpu()
+                time.sleep(1.0)  # the requests in flight at the last Ready are counted too
+                m1 = cluster.request_counts()
+                api = api_delta(m0, m1)
+                issue = broker.summary(prefix=ns)
+                seconds = ready["t100"]
+                cpu = sample.get("cpu", 0.0)
+                self.r["backlog"] = {
+                    "seed_s": round(seed_s, 2),
+                    **{k: v for k, v in ready.items() if k != "poll_interval"},
+                    "seconds": seconds,
+                    "per_s": round(n / seconds, 1) if seconds else None,
+                    "operator_cpu_s": round(cpu, 2),
+                    "operator_cpu_ms_per_credential": round(1000.0 * cpu / n, 2),
+                    # Without the interpreter's start-up: from the first Ready on, over the other N - 1.
+                    "operator_cpu_ms_per_credential_after_first": round(
+                        1000.0 * (cpu - op.watch.cpu_at(t0 + ready["t_first"])) / (n - 1), 2
+                    )
+                    if ready.get("t_first") is not None and n > 1
+                    else None,
+                    "operator_peak_rss_mib": mib(sample.get("VmHWM", 0)),
+                    "operator_rss_mib": mib(sample.get("VmRSS", 0)),
+                    "operator_threads": sample.get("threads"),
+                    "token_requests": issue["count"],
+                    "token_requests_per_credential": issue["clients"],
+                    "api_requests": api,
+                    "api_requests_per_credential": per(api, n),
+                    "server_cpu": cpu_delta(c0, c1, t1 - t0),
+                    "workers": int(os.environ.get("AUTOTEK_WORKERS") or WORKERS),
+                    "identity": cluster.operator_user(),
+                }
+                op.stop()
+                op = None
+                log(
+                    f"N={n} backlog: all Ready {seconds}s after the operator's start ({self.r['backlog']['per_s']}/s), "
+                    f"CPU {self.r['backlog']['operator_cpu_ms_per_credential']} ms/credential, "
+                    f"peak RSS {self.r['backlog']['operator_peak_rss_mib']} MiB, "
+                    f"server {self.r['backlog']['server_cpu']}"
+                )
+                if ready["timed_out"]:
+                    raise RuntimeError(f"backlog: only {ready['ready']} of {n} became Ready; see operator-backlog.log")
+            if self.on("lean"):
+                kubeconfig = cluster.operator_kubeconfig()
+                runs = []
+                for threads in self.args.lean_threads:
+                    ns, seed_s = self._seed_backlog(cluster, broker, f"bench-lean{threads}")
+                    time.sleep(2.0)
+                    m0, c0 = cluster.request_counts(), cluster.component_cpu()
+                    t0 = time.time()
+                    proc = subprocess.run(  # noqa: S603 - our own command line
+                        [
+                            bk.python(),
+                            str(bk.BENCH / "leanloop.py"),
+                            "--kubeconfig",
+                            str(kubeconfig),
+                            "--namespace",
+                            ns,
+                            "--threads",
+                            str(threads),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        cwd=bk.ROOT,
+                        timeout=max(600, n * 0.2),
+                    )
+                    t1 = time.time()
+                    c1 = cluster.component_cpu()
+                    m1 = cluster.request_counts()
+                    (self.workdir / f"leanloop-{threads}.log").write_text(proc.stdout + proc.stderr)
+                    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+                    api = api_delta(m0, m1)
+                    run = {
+                        "threads": threads,
+                        "seed_s": round(seed_s, 2),
+                        "seconds": round(doc["seconds"], 2),
+                        "per_s": round(doc["n"] / doc["seconds"], 1) if doc["seconds"] else None,
+                        "n": doc["n"],
+                        "errors": doc["errors"],
+                        "error_samples": doc.get("error_samples"),
+                        "cpu_s": round(doc["cpu_seconds"], 2),
+                        "cpu_ms_per_credential": doc["per_credential_ms"],
+                        "max_rss_mib": mib(doc["max_rss_kib"]),
+                        "token_requests": broker.summary(prefix=ns)["count"],
+                        "api_requests_per_credential": per(api, n),
+                        "server_cpu": cpu_delta(c0, c1, t1 - t0),
+                    }
+                    runs.append(run)
+                    log(
+                        f"N={n} lean loop, {threads} threads: {run['seconds']}s ({run['per_s']}/s), "
+                        f"errors {run['errors']}, CPU {run['cpu_ms_per_credential']} ms/credential, "
+                        f"server {run['server_cpu']}"
+                    )
+                ok = [r for r in runs if r["per_s"] and not r["errors"]]
+                best = max(ok, key=lambda r: r["per_s"]) if ok else None
+                self.r["lean"] = {"runs": runs, "best": best}
+        finally:
+            if op is not None:
+                op.stop()
+            broker.stop()
+            cluster.cleanup()
+            cluster.stop()
+
     @staticmethod
     def _cpu(pid: int | None) -> float | None:
         s = bk.proc_sample(pid) if pid else None
@@ -251,14 +388,17 @@ class Run:
         # Refreshes begin at ~0.637 L (2/3 minus up to 10 % of the renewal window): L must leave
         # the first issue of all N done by then. The bare loop's time is the estimate; the
         # operator may take up to ~2x it (3.2x + 20 s leaves the first refresh at ~2x + 13 s).
-        base = (self.r.get("bare") or {}).get("total_s") or self.n * 0.02
+        best = (self.r.get("lean") or {}).get("best") or {}
+        base = (
+            (self.r.get("bare") or {}).get("total_s") or (best.get("seconds") and 2 * best["seconds"]) or self.n * 0.02
+        )
         return float(min(1200, max(30, round(3.2 * base + 20))))
 
     # -- the operator's phases ---------------------------------------------------------------------
 
     def operator_phases(self) -> None:
         n, args = self.n, self.args
-        cluster = bk.Cluster(self.workdir, "op", self.kubeconfig)
+        cluster = bk.Cluster(self.workdir, "op", self.kubeconfig, self.args.api)
         broker = bk.Broker(self.workdir, "op")
         op: bk.Operator | None = None
         try:
@@ -278,10 +418,12 @@ class Run:
             # -- ready ------------------------------------------------------------------------------
             broker.control(lifetime=lifetime)
             cluster.reset_request_counts()
+            watch = cluster.ready_watch(ns)
             counts0 = cluster.request_counts()
+            comp0 = cluster.component_cpu()
             t0 = time.time()
             create_s = cluster.create_credentials(ns, n, broker.token_url)
-            ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.08))
+            ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.08), watch=watch)
             t_ready = time.time()
             broker.control(lifetime=LONG_LIFETIME)  # tokens issued from now on are not due for an hour
             counts1 = cluster.request_counts()
@@ -302,6 +444,7 @@ class Run:
                 "api_requests": ready_api,
                 "api_requests_per_credential": per(ready_api, n),
                 "emulator_cpu_s": self._cpu(cluster.pid),
+                "server_cpu": cpu_delta(comp0, cluster.component_cpu(), time.time() - t0),
                 "lists": self._lists(cluster),
             }
             log(
@@ -502,6 +645,7 @@ class Run:
         broker.add_clients(clients)
         bodies_spec = {"clientSecretRef": {"name": "cs-00000"}, "tokenURL": broker.token_url}
         before = broker.summary(prefix=ns)["count"]
+        watch = cluster.ready_watch(ns)
         t0 = time.time()
         bodies = [
             {
@@ -513,7 +657,7 @@ class Run:
             for i in range(n)
         ]
         cluster._create_many(ns, f"{bk.GROUP}/{bk.VERSION}/{bk.PLURAL}", bodies)
-        ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.08))
+        ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.08), watch=watch)
         time.sleep(2.0)
         made = broker.summary(prefix=ns)["count"] - before
         self.r["dedup"] = {
@@ -587,13 +731,18 @@ class Run:
         pyspy = shutil.which("py-spy") or (
             str(Path(sys.executable).parent / "py-spy") if (Path(sys.executable).parent / "py-spy").exists() else None
         )
-        cluster = bk.Cluster(self.workdir, "prof", self.kubeconfig)
+        cluster = bk.Cluster(self.workdir, "prof", self.kubeconfig, self.args.api)
         broker = bk.Broker(self.workdir, "prof")
         op: bk.Operator | None = None
         spy: subprocess.Popen[bytes] | None = None
         out: dict[str, Any] = {"py_spy": bool(pyspy)}
         try:
-            warm, ns, _ = seed(cluster, broker, "bench-prof", n)
+            # The backlog phase under py-spy: N credentials and client Secrets exist, then the operator starts.
+            broker.control(lifetime=LONG_LIFETIME)
+            ns, _ = self._seed_backlog(cluster, broker, "bench-prof")
+            cluster.operator_kubeconfig()
+            time.sleep(2.0)
+            watch = cluster.ready_watch(ns)
             census_out = self.workdir / "census.json"
             op = bk.Operator(
                 cluster,
@@ -605,11 +754,10 @@ class Run:
                     **({"BENCH_TRACEMALLOC": "1"} if self.args.tracemalloc else {}),
                 },
             )
-            cluster.create_credentials(warm, 1, broker.token_url)
-            if wait_ready(cluster, warm, 1, time.time(), 60)["timed_out"]:
-                raise RuntimeError(f"the operator did not start; see {op.log_path}")
+            t0 = op.started
             raw = self.workdir / "pyspy.raw"
             if pyspy:
+                time.sleep(0.3)  # py-spy needs the interpreter up to attach
                 spy = subprocess.Popen(  # noqa: S603 - our own command line
                     [
                         pyspy,
@@ -629,11 +777,8 @@ class Run:
                     stderr=open(self.workdir / "pyspy.log", "w"),
                 )
                 bk.CHILDREN.append(spy)
-                time.sleep(1.0)
-            s0 = op.watch.sample() or {}
-            t0 = time.time()
-            cluster.create_credentials(ns, n, broker.token_url)
-            ready = wait_ready(cluster, ns, n, t0, timeout=max(120.0, n * 0.1))
+            s0: dict[str, float] = {}
+            ready = wait_ready(cluster, ns, n, t0, timeout=max(180.0, n * 0.3), watch=watch)
             s1 = op.watch.sample() or {}
             out.update(
                 {
@@ -681,6 +826,11 @@ class Run:
         started = time.time()
         if self.on("bare"):
             self.bare()
+        if self.on("backlog") or self.on("lean"):
+            self.backlog_and_lean()
+        backlog, best = self.r.get("backlog"), (self.r.get("lean") or {}).get("best")
+        if backlog and best and backlog.get("per_s") and best.get("per_s"):
+            self.r["ratio_backlog_to_lean"] = round(backlog["per_s"] / best["per_s"], 2)
         if self.phases & {"ready", "rotation", "idle", "restart", "dedup", "bad"}:
             self.operator_phases()
         bare, ready = self.r.get("bare"), self.r.get("ready")
@@ -736,6 +886,19 @@ def snapshot_code(workdir: Path) -> dict[str, Any]:
 # -- the report ------------------------------------------------------------------------------------
 
 
+def api_server_description(api: str) -> str:
+    if os.environ.get("AUTOTEK_BENCH_KUBECONFIG"):
+        return "real cluster (AUTOTEK_BENCH_KUBECONFIG)"
+    assets = bk.assets_dir() if api != "emulator" else None
+    if assets is None:
+        return "emulator (bench/emulator_runner.py, own process)"
+    v = bk.versions(assets)
+    return (
+        f"real control plane per phase group (tests/controlplane.py: {v['kube-apiserver']}, etcd "
+        f"{v['etcd'].split()[-1]} with its data on disk, kube-controller-manager; binaries in {assets})"
+    )
+
+
 def g(d: dict[str, Any] | None, *path: str) -> Any:
     for p in path:
         if not isinstance(d, dict):
@@ -754,7 +917,48 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def server_cpu(r: dict[str, Any] | None) -> str:
+    """ "apiserver % / etcd %" of one core over a phase."""
+    sc = (r or {}).get("server_cpu") or {}
+    a, e = g(sc, "kube-apiserver", "pct_of_core"), g(sc, "etcd", "pct_of_core")
+    return "-" if a is None and e is None else f"{fmt(a)} / {fmt(e)}"
+
+
+def verbs(counts: dict[str, float] | None) -> str:
+    """The per-credential request counts that matter, compactly."""
+    if not counts:
+        return "-"
+    keep = {k: v for k, v in counts.items() if v >= 0.05 and len(k.split()) == 2}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(keep.items(), key=lambda kv: -kv[1]))
+
+
 ROWS: list[tuple[str, Any]] = [
+    ("backlog: operator start -> all Ready (s)", lambda r: g(r, "backlog", "seconds")),
+    ("  credentials per second", lambda r: g(r, "backlog", "per_s")),
+    (
+        "lean loop, best (threads): s, per second",
+        lambda r: (
+            f"{fmt(g(r, 'lean', 'best', 'seconds'))}, {fmt(g(r, 'lean', 'best', 'per_s'))} "
+            f"({fmt(g(r, 'lean', 'best', 'threads'))})"
+        ),
+    ),
+    (
+        "  lean loop per s, each thread count",
+        lambda r: " ".join(f"{x['threads']}:{fmt(x['per_s'])}" for x in (g(r, "lean", "runs") or [])) or "-",
+    ),
+    ("RATIO backlog / lean loop throughput", lambda r: g(r, "ratio_backlog_to_lean")),
+    (
+        "backlog: operator CPU/credential (ms), all / after 1st",
+        lambda r: (
+            f"{fmt(g(r, 'backlog', 'operator_cpu_ms_per_credential'))} / "
+            f"{fmt(g(r, 'backlog', 'operator_cpu_ms_per_credential_after_first'))}"
+        ),
+    ),
+    ("lean loop CPU per credential (ms)", lambda r: g(r, "lean", "best", "cpu_ms_per_credential")),
+    ("backlog: operator peak RSS (MiB)", lambda r: g(r, "backlog", "operator_peak_rss_mib")),
+    ("backlog: token req/credential {n: creds}", lambda r: g(r, "backlog", "token_requests_per_credential")),
+    ("backlog: apiserver / etcd CPU (% of a core)", lambda r: server_cpu(g(r, "backlog"))),
+    ("lean best: apiserver / etcd CPU (% of a core)", lambda r: server_cpu(g(r, "lean", "best"))),
     ("credentials created (s)", lambda r: g(r, "ready", "create_s")),
     ("time to all Ready, operator (s)", lambda r: g(r, "ready", "seconds")),
     ("  50% / 90% Ready (s)", lambda r: f"{fmt(g(r, 'ready', 't50'))} / {fmt(g(r, 'ready', 't90'))}"),
@@ -846,6 +1050,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="token lifetime for the rotation phase (default: from the bare loop's time, 3.2x + 20 s, at least 30 s)",
     )
+    parser.add_argument(
+        "--api",
+        choices=("auto", "plane", "emulator"),
+        default="auto",
+        help="the API server: a real control plane from $KUBEBUILDER_ASSETS or .cache/envtest when there "
+        "(auto, the default; plane insists), or the emulator; AUTOTEK_BENCH_KUBECONFIG overrides both",
+    )
+    parser.add_argument(
+        "--lean-threads",
+        default=None,
+        help=f"concurrencies of the lean loop, each from the same start state (default {LEAN_THREADS}; quick 8,32)",
+    )
     parser.add_argument("--dedup-max", type=int, default=1000, help="credentials in the dedup phase: min(N, this)")
     parser.add_argument(
         "--tracemalloc",
@@ -868,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only) - set(PHASES)
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    args.lean_threads = [int(x) for x in (args.lean_threads or ("8,32" if args.quick else LEAN_THREADS)).split(",")]
     args.idle_seconds = args.idle_seconds or (10.0 if args.quick else 60.0)
     args.bad_seconds = args.bad_seconds or (15.0 if args.quick else 60.0)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="autotek-bench-"))
@@ -885,9 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": bk.machine_info(),
-        "api_server": "real cluster (AUTOTEK_BENCH_KUBECONFIG)"
-        if os.environ.get("AUTOTEK_BENCH_KUBECONFIG")
-        else "emulator (bench/emulator_runner.py, own process)",
+        "api_server": api_server_description(args.api),
         "load_start": bk.loadavg(),
         "settings": {
             "workers": WORKERS,
@@ -933,6 +1148,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(sha256 {oc['sha256']}{', run from a copy taken at the start' if oc.get('snapshot') else ''})"
     )
     print(table(doc["results"]))
+    for r in doc["results"]:
+        if g(r, "backlog", "api_requests_per_credential"):
+            per_cred = verbs(g(r, "backlog", "api_requests_per_credential"))
+            print(f"N={r['n']} backlog, API requests per credential: {per_cred}")
+        if g(r, "lean", "best", "api_requests_per_credential"):
+            per_cred = verbs(g(r, "lean", "best", "api_requests_per_credential"))
+            print(f"N={r['n']} lean loop, API requests per credential: {per_cred}")
     if doc["memory_slope"]:
         print(
             f"RSS after ready vs N: {doc['memory_slope']['kib_per_credential']} KiB per credential "

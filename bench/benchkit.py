@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import platform
+import re
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -30,6 +35,11 @@ SEED_BATCH = 2000
 
 #: Every child process started by this module, so that an interrupted run can still end them.
 CHILDREN: list[subprocess.Popen[Any]] = []
+#: Every control plane started by this module (stopped by stop_all_children too).
+PLANES: list[Any] = []
+#: Environment: a folder with kube-apiserver and etcd (controller-runtime's envtest layout).
+ASSETS_ENV = "KUBEBUILDER_ASSETS"
+DEFAULT_ASSETS = ROOT / ".cache" / "envtest"
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -189,6 +199,8 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout
 def stop_all_children() -> None:
     for proc in list(reversed(CHILDREN)):
         stop_process(proc, signal.SIGTERM, timeout=10)
+    for plane in list(reversed(PLANES)):
+        stop_plane(plane)
 
 
 def http_json(method: str, url: str, doc: Any = None, timeout: float = 120.0) -> Any:
@@ -197,6 +209,338 @@ def http_json(method: str, url: str, doc: Any = None, timeout: float = 120.0) ->
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback URLs we started
         body = resp.read()
     return json.loads(body) if body else None
+
+
+# -- a real control plane (tests/controlplane.py) -------------------------------------------------
+
+
+def assets_dir() -> Path | None:
+    """The Kubernetes binaries to start a control plane from: ``KUBEBUILDER_ASSETS``, else
+    ``.cache/envtest`` (``make envtest``), when they hold kube-apiserver and etcd; else None."""
+    given = os.environ.get(ASSETS_ENV)
+    folder = Path(given) if given else DEFAULT_ASSETS
+    if all((folder / name).is_file() for name in ("kube-apiserver", "etcd")):
+        return folder.resolve()
+    return None
+
+
+def controlplane_module() -> Any:
+    """``tests/controlplane.py``, imported (the tests' own module, not a copy)."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import controlplane
+
+    return controlplane
+
+
+def start_plane(assets: Path, workdir: Path) -> Any:
+    """etcd (data on disk under ``workdir``), kube-apiserver and kube-controller-manager."""
+    cp = controlplane_module()
+    plane = cp.ControlPlane(assets, workdir, ready_timeout=120.0)
+    PLANES.append(plane)
+    try:
+        plane.start()
+    except BaseException:
+        PLANES.remove(plane)
+        raise
+    return plane
+
+
+def stop_plane(plane: Any) -> None:
+    try:
+        plane.stop()
+    finally:
+        if plane in PLANES:
+            PLANES.remove(plane)
+        shutil.rmtree(plane.workdir / "etcd", ignore_errors=True)  # large, and useless once stopped
+
+
+def versions(assets: Path) -> dict[str, str]:
+    cp = controlplane_module()
+    return {name: cp.binary_version(assets / name) for name in ("kube-apiserver", "etcd")}
+
+
+# -- a lean Kubernetes client: one keep-alive connection per thread, raw JSON ----------------------
+
+
+class KubeTarget:
+    """Where and how to reach an API server, from a kubeconfig (client certificate or bearer token)."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path | None = None) -> None:
+        import yaml
+
+        doc = yaml.safe_load(Path(kubeconfig).read_text())
+        ctx_name = doc.get("current-context")
+        ctx = next(c for c in doc["contexts"] if c["name"] == ctx_name)["context"]
+        cluster = next(c for c in doc["clusters"] if c["name"] == ctx["cluster"])["cluster"]
+        user = next(u for u in doc["users"] if u["name"] == ctx["user"])["user"]
+        url = urllib.parse.urlsplit(cluster["server"])
+        self.https = url.scheme == "https"
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or (443 if self.https else 80)
+        self.headers: dict[str, str] = {"Accept": "application/json"}
+        if user.get("token"):
+            self.headers["Authorization"] = "Bearer " + user["token"]
+        self.context: ssl.SSLContext | None = None
+        if self.https:
+            if cluster.get("insecure-skip-tls-verify"):
+                ctx_ssl = ssl.create_default_context()
+                ctx_ssl.check_hostname = False
+                ctx_ssl.verify_mode = ssl.CERT_NONE
+            elif cluster.get("certificate-authority-data"):
+                ca = base64.b64decode(cluster["certificate-authority-data"]).decode()
+                ctx_ssl = ssl.create_default_context(cadata=ca)
+            else:
+                ctx_ssl = ssl.create_default_context(cafile=cluster.get("certificate-authority"))
+            cert = user.get("client-certificate-data")
+            key = user.get("client-key-data")
+            if cert and key:
+                tmp = Path(tempfile.mkdtemp(prefix="leankube-", dir=workdir))
+                (tmp / "c.pem").write_bytes(base64.b64decode(cert))
+                (tmp / "k.pem").write_bytes(base64.b64decode(key))
+                (tmp / "k.pem").chmod(0o600)
+                ctx_ssl.load_cert_chain(str(tmp / "c.pem"), str(tmp / "k.pem"))
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif user.get("client-certificate") and user.get("client-key"):
+                ctx_ssl.load_cert_chain(user["client-certificate"], user["client-key"])
+            self.context = ctx_ssl
+
+    def connect(self, timeout: float = 60.0) -> LeanKube:
+        return LeanKube(self, timeout)
+
+
+class LeanKube:
+    """One keep-alive HTTP(S) connection to the API server; not thread-safe (one per thread)."""
+
+    def __init__(self, target: KubeTarget, timeout: float = 60.0) -> None:
+        self.target, self.timeout = target, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _new(self) -> http.client.HTTPConnection:
+        t = self.target
+        if t.https:
+            return http.client.HTTPSConnection(t.host, t.port, timeout=self.timeout, context=t.context)
+        return http.client.HTTPConnection(t.host, t.port, timeout=self.timeout)
+
+    def call(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
+        headers = dict(self.target.headers)
+        if body is not None:
+            headers["Content-Type"] = content_type
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = self._new()
+            try:
+                self.conn.request(method, path, body=body, headers=headers)
+                resp = self.conn.getresponse()
+                data = resp.read()
+                if resp.will_close:
+                    self.conn.close()
+                    self.conn = None
+                return resp.status, data
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, doc: Any = None, content_type: str = "application/json") -> Any:
+        status, data = self.call(method, path, json.dumps(doc).encode() if doc is not None else None, content_type)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"{method} {path}: HTTP {status}: {data[:300]!r}")
+        return json.loads(data) if data else None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def create_many(target: KubeTarget, path: str, bodies: list[dict[str, Any]], threads: int = 16) -> float:
+    """POST every body to ``path``, ``threads`` keep-alive connections at once; seconds taken."""
+    started = time.monotonic()
+    chunks = [bodies[i::threads] for i in range(threads)]
+    failures: list[str] = []
+
+    def worker(chunk: list[dict[str, Any]]) -> None:
+        kube = target.connect()
+        try:
+            for body in chunk:
+                status, data = kube.call("POST", path, json.dumps(body).encode())
+                if status not in (201, 409):
+                    failures.append(f"HTTP {status}: {data[:200]!r}")
+        finally:
+            kube.close()
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(worker, chunks))
+    if failures:
+        raise RuntimeError(f"{len(failures)} creates failed, e.g. {failures[0]}")
+    return time.monotonic() - started
+
+
+def ready_of(obj: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or ()
+    )
+
+
+class ReadyWatch:
+    """List + watch the credentials of one namespace and note when each became Ready (one stream:
+    cheaper for the API server than a LIST per poll at 10 000 objects)."""
+
+    def __init__(self, target: KubeTarget, ns: str) -> None:
+        self.target, self.ns = target, ns
+        self.ready: dict[str, float] = {}
+        self.total = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listed = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self._thread = threading.Thread(target=self._run, name=f"readywatch-{ns}", daemon=True)
+        self._thread.start()
+        self._listed.wait(60)
+
+    def _path(self) -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.ns}/{PLURAL}"
+
+    def _note(self, obj: dict[str, Any], now: float) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            if ready_of(obj):
+                self.ready.setdefault(name, now)
+            else:
+                self.ready.pop(name, None)
+
+    def _run(self) -> None:
+        kube = self.target.connect()
+        rv = ""
+        names: set[str] = set()
+        try:
+            doc = kube.json("GET", self._path())
+            now = time.time()
+            for obj in doc.get("items", []):
+                names.add(obj["metadata"]["name"])
+                self._note(obj, now)
+            self.total = len(names)
+            rv = doc["metadata"]["resourceVersion"]
+        except Exception as exc:  # noqa: BLE001 - reported by wait()
+            self.error = f"list: {exc}"
+        finally:
+            kube.close()
+            self._listed.set()
+        while not self._stop.is_set() and rv:
+            conn = self.target.connect(timeout=30.0)._new()
+            self._conn = conn
+            try:
+                conn.request(
+                    "GET",
+                    f"{self._path()}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=300",
+                    headers=self.target.headers,
+                )
+                resp = conn.getresponse()
+                if resp.status != 200:
+                    self.error = f"watch: HTTP {resp.status}"
+                    return
+                while not self._stop.is_set():
+                    line = resp.readline()
+                    if not line:
+                        break
+                    ev = json.loads(line)
+                    obj = ev.get("object") or {}
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if ev.get("type") in ("ADDED", "MODIFIED"):
+                        names.add(obj["metadata"]["name"])
+                        self._note(obj, time.time())
+                    elif ev.get("type") == "DELETED":
+                        names.discard(obj["metadata"]["name"])
+                        with self._lock:
+                            self.ready.pop(obj["metadata"]["name"], None)
+                    elif ev.get("type") == "ERROR":
+                        self.error = f"watch error: {obj.get('message')}"
+                        return
+                    self.total = len(names)
+            except (OSError, http.client.HTTPException, ValueError):
+                if self._stop.is_set():
+                    return
+                time.sleep(0.5)
+            finally:
+                conn.close()
+
+    def count(self) -> tuple[int, int]:
+        with self._lock:
+            return self.total, len(self.ready)
+
+    def wait(self, n: int, t0: float, timeout: float) -> dict[str, Any]:
+        """Wait until ``n`` are Ready; times (from ``t0``) at which 50 %, 90 % and 100 % were."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.count()[1] < n and not self.error:
+            time.sleep(0.05)
+        with self._lock:
+            times = sorted(self.ready.values())
+        marks: dict[str, Any] = {}
+        for key, share in (("t50", 0.5), ("t90", 0.9), ("t100", 1.0)):
+            k = max(1, int(-(-share * n // 1)))
+            marks[key] = round(times[k - 1] - t0, 2) if len(times) >= k else None
+        marks["t_first"] = round(times[0] - t0, 2) if times else None
+        return {**marks, "ready": len(times), "timed_out": len(times) < n, "watch_error": self.error}
+
+    def stop(self) -> None:
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(2)
+            except OSError:
+                pass
+        self._thread.join(5)
+
+
+# -- the API server's own counters ---------------------------------------------------------------
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_request_totals(text: str) -> dict[str, int]:
+    """``apiserver_request_total`` from /metrics, summed by "VERB resource[/subresource]" (and, for
+    answers other than 2xx, also by "VERB resource code")."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, _, value = line.rpartition("} ")
+        labels = dict(_LABEL.findall(labels_text))
+        resource = labels.get("resource", "")
+        if not resource:
+            continue
+        sub = labels.get("subresource", "")
+        key = f"{labels.get('verb', '?')} {resource}{'/' + sub if sub else ''}"
+        n = int(float(value))
+        out[key] = out.get(key, 0) + n
+        code = labels.get("code", "")
+        if code and not code.startswith("2"):
+            out[f"{key} {code}"] = out.get(f"{key} {code}", 0) + n
+    return out
+
+
+def parse_flowcontrol(text: str, flow_schema: str) -> dict[str, int]:
+    """APF counters of one FlowSchema: dispatched and rejected requests (by reason)."""
+    out: dict[str, int] = {"dispatched": 0, "rejected": 0}
+    for line in text.splitlines():
+        for metric, key in (
+            ("apiserver_flowcontrol_dispatched_requests_total{", "dispatched"),
+            ("apiserver_flowcontrol_rejected_requests_total{", "rejected"),
+        ):
+            if line.startswith(metric) and f'flow_schema="{flow_schema}"' in line:
+                out[key] += int(float(line.rpartition(" ")[2]))
+    return out
 
 
 # -- the token endpoint --------------------------------------------------------------------------
@@ -244,17 +588,34 @@ def client_id_for(ns: str, i: int) -> str:
 
 
 class Cluster:
-    """The API server: a real one (AUTOTEK_BENCH_KUBECONFIG) or bench/emulator_runner.py as a child."""
+    """The API server: the cluster of AUTOTEK_BENCH_KUBECONFIG, else a real control plane of its own
+    (``tests/controlplane.py``: etcd with its data on disk, kube-apiserver, kube-controller-manager)
+    when the Kubernetes binaries are there, else bench/emulator_runner.py as a child process.
 
-    def __init__(self, workdir: Path, tag: str, kubeconfig: str | None) -> None:
+    On a control plane the operator (and the lean loop) authenticate as a ServiceAccount bound to the
+    ClusterRole of manifests/ (``tests/integration/rbac.py``); the bench itself is admin."""
+
+    def __init__(self, workdir: Path, tag: str, kubeconfig: str | None, api: str = "auto") -> None:
         import kubernetes
 
         self.proc: subprocess.Popen[str] | None = None
+        self.plane: Any = None
         self.namespaces: list[str] = []
+        self.workdir = workdir
+        self._operator_kubeconfig: Path | None = None
+        self._rbac: Any = None
+        assets = assets_dir() if api in ("auto", "plane") else None
+        if api == "plane" and assets is None:
+            raise RuntimeError(f"no Kubernetes binaries in ${ASSETS_ENV} or {DEFAULT_ASSETS} (make envtest)")
         if kubeconfig:
             self.kubeconfig = Path(kubeconfig)
             self.emulated = False
             self.url = ""
+        elif assets is not None:
+            self.plane = start_plane(assets, workdir / f"plane-{tag}")
+            self.kubeconfig = self.plane.admin_kubeconfig
+            self.emulated = False
+            self.url = self.plane.url
         else:
             self.kubeconfig = workdir / f"kubeconfig-{tag}"
             self.proc, self.url = start_with_ready_line(
@@ -270,8 +631,58 @@ class Cluster:
         self.api = kubernetes.client.ApiClient(configuration=config)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        #: The lean client's view (admin); None when the kubeconfig has neither certificate nor token.
+        self.target: KubeTarget | None
+        try:
+            self.target = KubeTarget(self.kubeconfig, workdir)
+            if not self.target.headers.get("Authorization") and self.target.https and self.plane is None:
+                kc = self.kubeconfig.read_text()
+                if "client-certificate" not in kc:
+                    self.target = None  # exec plugins and the like: the kubernetes client only
+        except (KeyError, StopIteration, ValueError, OSError, ssl.SSLError):
+            self.target = None
         if not self.emulated:
             self._install_crd()
+
+    @property
+    def real(self) -> bool:
+        return not self.emulated
+
+    def components(self) -> dict[str, int]:
+        """pid of each control-plane process (etcd, kube-apiserver, kube-controller-manager)."""
+        return dict(self.plane.pids()) if self.plane is not None else {}
+
+    def component_cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each control-plane process (or the emulator)."""
+        out = {}
+        pids = self.components() or ({"emulator": self.proc.pid} if self.proc is not None else {})
+        for name, pid in pids.items():
+            sample = proc_sample(pid)
+            if sample is not None:
+                out[name] = sample["cpu"]
+        return out
+
+    def operator_kubeconfig(self) -> Path:
+        """Whom the operator (and the lean loop) authenticate as: on our own control plane a ServiceAccount
+        bound to the ClusterRole of manifests/ (rendered with kubectl kustomize), else the bench's kubeconfig."""
+        if self.plane is None:
+            return self.kubeconfig
+        if self._operator_kubeconfig is None:
+            integration = str(ROOT / "tests" / "integration")
+            if integration not in sys.path:
+                sys.path.insert(0, integration)
+            import rbac
+
+            # rbac.py would take a TokenRequest from a test session's plane if this named one.
+            os.environ.pop("AUTOTEK_TEST_CONTROLPLANE", None)
+            self._rbac = rbac.Rbac(self.kubeconfig, self.api, "bench", self.workdir, namespace="autotek-system")
+            role = rbac.one(self._rbac.rendered(), "ClusterRole", "autotek-operator")
+            identity = self._rbac.service_account("autotek-operator", shared_cluster_roles=[rbac.bare(role)])
+            self._operator_kubeconfig = identity.kubeconfig
+        return self._operator_kubeconfig
+
+    def operator_user(self) -> str:
+        return "system:serviceaccount:autotek-system:autotek-operator" if self.plane is not None else "admin"
 
     @property
     def pid(self) -> int | None:
@@ -300,6 +711,9 @@ class Cluster:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+        if self.plane is not None:
+            stop_plane(self.plane)
+            self.plane = None
 
     # -- namespaces and objects ------------------------------------------------------------------
 
@@ -329,6 +743,9 @@ class Cluster:
             time.sleep(1.0)
 
     def cleanup(self) -> None:
+        if self.plane is not None:  # the whole plane goes
+            self.namespaces.clear()
+            return
         for ns in self.namespaces:
             self.delete_namespace(ns)
         self.namespaces.clear()
@@ -336,6 +753,10 @@ class Cluster:
     def _create_many(self, ns: str, resource: str, bodies: list[dict[str, Any]], threads: int = 16) -> float:
         """Create ``bodies``: one seeding request on the emulator, a thread pool of POSTs on a cluster."""
         started = time.monotonic()
+        if self.target is not None and not self.emulated:
+            group = "api/v1" if resource == "v1/secrets" else f"apis/{GROUP}/{VERSION}"
+            plural = "secrets" if resource == "v1/secrets" else PLURAL
+            return create_many(self.target, f"/{group}/namespaces/{ns}/{plural}", bodies, threads)
         if self.emulated:
             for i in range(0, len(bodies), SEED_BATCH):  # aiohttp takes bodies up to 1 MiB
                 batch = {"resource": resource, "namespace": ns, "items": bodies[i : i + SEED_BATCH]}
@@ -411,11 +832,31 @@ class Cluster:
         )
         return len(items), ready
 
-    # -- request counters (emulator only) --------------------------------------------------------
+    def ready_watch(self, ns: str) -> ReadyWatch | PollReady:
+        """Something whose ``wait(n, t0, timeout)`` says when ``n`` credentials of ``ns`` were Ready:
+        a watch on a real API server (start it before t0), a server-side count on the emulator."""
+        if self.target is not None and not self.emulated:
+            return ReadyWatch(self.target, ns)
+        return PollReady(self, ns)
+
+    # -- request counters ----------------------------------------------------------------------
+
+    def metrics_text(self) -> str | None:
+        if self.emulated or self.target is None:
+            return None
+        kube = self.target.connect()
+        try:
+            status, data = kube.call("GET", "/metrics")
+        finally:
+            kube.close()
+        return data.decode(errors="replace") if status == 200 else None
 
     def request_counts(self) -> dict[str, int] | None:
+        """Requests by "VERB resource[/subresource]": the emulator's counters, or on a real API server
+        its ``apiserver_request_total`` (every client's requests, the bench's own included)."""
         if not self.emulated:
-            return None
+            text = self.metrics_text()
+            return parse_request_totals(text) if text is not None else None
         return http_json("GET", self.url + "/_emulator/stats")["requests"]  # type: ignore[no-any-return]
 
     def reset_request_counts(self) -> None:
@@ -428,6 +869,36 @@ class Cluster:
 
     def distinct_gets(self, ns: str) -> int:
         return int(http_json("GET", f"{self.url}/_bench/gets?namespace={ns}")["distinct"])
+
+
+class PollReady:
+    """ReadyWatch's interface on the emulator (or a cluster the lean client cannot reach): polling."""
+
+    def __init__(self, cluster: Cluster, ns: str) -> None:
+        self.cluster, self.ns = cluster, ns
+
+    def count(self) -> tuple[int, int]:
+        return self.cluster.ready_count(self.ns)
+
+    def wait(self, n: int, t0: float, timeout: float) -> dict[str, Any]:
+        fast = self.cluster.emulated
+        interval = (0.1 if n <= 1000 else 0.25 if n <= 5000 else 0.5) if fast else (0.5 if n <= 1000 else 1.0)
+        marks: dict[str, float | None] = {"t50": None, "t90": None, "t100": None}
+        ready = 0
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            _, ready = self.count()
+            now = time.time() - t0
+            for key, share in (("t50", 0.5), ("t90", 0.9), ("t100", 1.0)):
+                if marks[key] is None and ready >= share * n:
+                    marks[key] = round(now, 2)
+            if ready >= n:
+                break
+            time.sleep(interval)
+        return {**marks, "ready": ready, "timed_out": ready < n, "poll_interval": interval}
+
+    def stop(self) -> None:
+        pass
 
 
 # -- the operator --------------------------------------------------------------------------------
@@ -448,7 +919,7 @@ class Operator:
     ) -> None:
         env = {
             **os.environ,
-            "KUBECONFIG": str(cluster.kubeconfig),
+            "KUBECONFIG": str(cluster.operator_kubeconfig()),
             "AUTOTEK_ALLOWED_TOKEN_URLS": broker.url + "/",
             "AUTOTEK_METRICS_PORT": "0",
             "AUTOTEK_HEALTH_PORT": "0",
