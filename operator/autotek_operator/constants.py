@@ -15,6 +15,13 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ANN_CREDENTIAL = "autotek.io/credential"
 ANN_EXPIRES_AT = "autotek.io/expires-at"
 ANN_REFRESHED_AT = "autotek.io/refreshed-at"
+# Recorded on every target Secret, so that its writes can be undone as the credential asked even
+# after the credential is gone (see converge.py): its policies, the keys its template wrote into a
+# Secret it merged into, and the credential selector of the operator that wrote it (proof of scope).
+ANN_CREATION_POLICY = "autotek.io/creation-policy"
+ANN_DELETION_POLICY = "autotek.io/deletion-policy"
+ANN_TEMPLATE_KEYS = "autotek.io/template-keys"
+ANN_WRITER_SELECTOR = "autotek.io/credential-selector"
 # On the AutoTekCredential: a new value asks for a new token now.
 ANN_REFRESH_REQUESTED_AT = "autotek.io/refresh-requested-at"
 
@@ -50,12 +57,13 @@ EVENT_DEFAULT_LIFETIME = "DefaultLifetimeUsed"
 EVENT_EXPIRED = "TokenExpired"
 EVENT_TEMPLATE_ERROR = "TemplateError"
 EVENT_RESTARTED = "RolloutRestarted"
-EVENT_RESTART_SKIPPED = "RolloutRestartSkipped"
+EVENT_RESTART_DEFERRED = "RolloutRestartDeferred"
 
 # The second condition, present when spec.rolloutRestartTargets is not empty.
 CONDITION_ROLLOUT = "RolloutRestart"
 REASON_RESTARTED = "Restarted"
 REASON_RESTART_PENDING = "WaitingForRotation"
+REASON_RESTART_DEFERRED = "RestartDeferred"
 REASON_RESTART_TARGET_NOT_FOUND = "RestartTargetNotFound"
 REASON_RESTART_DISABLED = "RolloutRestartDisabled"
 REASON_RESTART_FAILED = "RestartFailed"

@@ -110,6 +110,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rand=random.random,
         rollout_restart=s.rollout_restart,
         restart_min_interval=float(s.restart_min_interval),
+        selector=s.credential_selector,
     )
     runtime = STATE.runtime = Runtime(deps, workers=s.workers)
     runtime.confirm_deletions = bool(s.credential_selector)

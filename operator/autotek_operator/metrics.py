@@ -26,6 +26,18 @@ SECRET_WRITES = Counter(
     "Writes of target Secrets, by operation (create, update, patch).",
     ["operation"],
 )
+ROLLOUT_RESTARTS = Counter(
+    "autotek_rollout_restarts_total",
+    "Rollout restarts of spec.rolloutRestartTargets, by result: made (after a rotation), deferred "
+    "(held back by AUTOTEK_RESTART_MIN_INTERVAL) or made_after_deferral (a deferred restart, made).",
+    ["result"],
+)
+ORPHANED_SECRETS = Counter(
+    "autotek_orphaned_secrets_cleaned_total",
+    "Target Secrets of credentials deleted while no operator watched, cleaned up on a complete list, "
+    "by action (unmerge, delete).",
+    ["action"],
+)
 CONDITIONS = ("True", "False", "Unknown")
 
 
@@ -36,6 +48,14 @@ def observe_token_request(result: str, seconds: float) -> None:
 
 def observe_secret_write(operation: str) -> None:
     SECRET_WRITES.labels(operation=operation).inc()
+
+
+def observe_restart(result: str) -> None:
+    ROLLOUT_RESTARTS.labels(result=result).inc()
+
+
+def observe_orphan_cleaned(action: str) -> None:
+    ORPHANED_SECRETS.labels(action=action).inc()
 
 
 #: (namespace, name, Ready condition value, expiry, next refresh) of each credential reported.

@@ -55,6 +55,8 @@ class Deps:
     #: spec.rolloutRestartTargets is honoured only when switched on (it needs extra RBAC).
     rollout_restart: bool = False
     restart_min_interval: float = 300.0
+    #: AUTOTEK_CREDENTIAL_SELECTOR, recorded on every Secret written (proof of scope for cleanups).
+    selector: str = ""
 
 
 class _Unknown:
@@ -105,6 +107,8 @@ class CredentialState:
     #: A change asked for a new token now (spec, client Secret, annotation): the reason.
     force_new: str | None = None
     expired_reported: bool = False
+    #: Rollout restarts held back by the minimum interval (status.pendingRestarts).
+    pending_restarts: tuple[scheduling.OwedRestart, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -112,6 +116,10 @@ class CredentialState:
 
     def label(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def next_due(self) -> datetime | None:
+        """When the next pass is due: the next refresh, or an owed restart if that comes first."""
+        return scheduling.next_due(self.next_refresh, self.pending_restarts)
 
     def status_has(self, condition: str) -> bool:
         return find_condition(self.status.get("conditions"), condition) is not None
@@ -140,6 +148,7 @@ class CredentialState:
         st.handled_refresh_request = status.get("lastRefreshRequest")
         st.handled_generation = status.get("observedGeneration")
         st.issued_client_version = status.get("clientSecretVersion")
+        st.pending_restarts = _owed_from_status(status.get("pendingRestarts"))
         return st
 
     def update_from_body(self, body: Mapping[str, Any]) -> None:
@@ -148,6 +157,27 @@ class CredentialState:
         self.generation = meta.get("generation")
         self.spec = body.get("spec") or {}
         self.refresh_request = (meta.get("annotations") or {}).get(c.ANN_REFRESH_REQUESTED_AT)
+
+
+def _owed_from_status(value: object) -> tuple[scheduling.OwedRestart, ...]:
+    """status.pendingRestarts as stored; entries that are not well formed are dropped."""
+    out = []
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, Mapping):
+            continue
+        kind, name = item.get("kind"), item.get("name")
+        since, due = parse_time(item.get("since")), parse_time(item.get("dueAt"))
+        if isinstance(kind, str) and isinstance(name, str) and since is not None and due is not None:
+            out.append(scheduling.OwedRestart(kind, name, since, due))
+    return tuple(out)
+
+
+def _owed_to_status(owed: tuple[scheduling.OwedRestart, ...]) -> list[dict[str, str]] | None:
+    if not owed:
+        return None
+    return [
+        {"kind": o.kind, "name": o.name, "since": format_time(o.since), "dueAt": format_time(o.due_at)} for o in owed
+    ]
 
 
 def new_token_reason(st: CredentialState, now: datetime) -> str | None:
@@ -311,43 +341,102 @@ def _event(deps: Deps, st: CredentialState, event_type: str, reason: str, messag
         log.warning("%s: could not post event %s: %s", st.label(), reason, exc.message)
 
 
-def _rollout_restart(st: CredentialState, spec: CredentialSpec, deps: Deps, now: datetime) -> Readiness:
-    """After a rotation: restart the listed workloads (at most once per rotation, with a gap)."""
+def _rollout_restart(
+    st: CredentialState, spec: CredentialSpec, deps: Deps, now: datetime, rotated: bool
+) -> Readiness | None:
+    """Restart the listed workloads after a rotation, and make the restarts owed since an earlier
+    one once they are due. A workload restarted less than the minimum interval ago is not
+    restarted now: the restart is owed (status.pendingRestarts) and made once, when the interval
+    ends, however many rotations fall inside it. None: nothing was considered (condition kept)."""
+    owed = {(o.kind, o.name): o for o in st.pending_restarts}
     if not deps.rollout_restart:
+        st.pending_restarts = ()
+        if not rotated:
+            return None
         return Readiness(
             False,
             c.REASON_RESTART_DISABLED,
             "rolloutRestartTargets are ignored: the operator runs without AUTOTEK_ROLLOUT_RESTART=true",
         )
-    restarted, skipped, missing, failed = [], [], [], []
-    for target in spec.rollout_restart_targets:
+    listed = {(t.kind, t.name) for t in spec.rollout_restart_targets}
+    owed = {k: o for k, o in owed.items() if k in listed}  # a target no longer listed is owed nothing
+    considered = [
+        t
+        for t in spec.rollout_restart_targets
+        if rotated or ((t.kind, t.name) in owed and owed[(t.kind, t.name)].due_at <= now)
+    ]
+    if not considered:
+        st.pending_restarts = tuple(owed.values())
+        return None
+    interval = deps.restart_min_interval
+    restarted: list[str] = []
+    late: list[str] = []
+    deferred: list[str] = []
+    missing: list[str] = []
+    failed: list[str] = []
+    for target in considered:
+        key = (target.kind, target.name)
         label = f"{target.kind} {target.name}"
+        debt = owed.get(key)
         try:
             workload = deps.kube.get_workload(target.kind, st.namespace, target.name)
             if workload is None:
                 missing.append(label)
+                owed.pop(key, None)
                 continue
             template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
             last = parse_time((template_meta.get("annotations") or {}).get(c.ANN_RESTARTED_AT))
-            if last is not None and (now - last).total_seconds() < deps.restart_min_interval:
-                skipped.append(label)
+            decision, due = scheduling.restart_decision(last, debt.since if debt else None, now, interval)
+            if decision == scheduling.RESTART_PAID:
+                log.info("%s: %s was restarted since the rotation; the owed restart is dropped", st.label(), label)
+                owed.pop(key, None)
+                continue
+            if decision == scheduling.RESTART_DEFER:
+                assert due is not None
+                if debt is None:
+                    deferred.append(f"{label} until {format_time(due)}")
+                    metrics.observe_restart("deferred")
+                    log.info("%s: restart of %s deferred until %s", st.label(), label, format_time(due))
+                owed[key] = scheduling.OwedRestart(
+                    target.kind, target.name, debt.since if debt else _floor_seconds(now), due
+                )
                 continue
             if deps.kube.restart_workload(target.kind, st.namespace, target.name, format_time(now)):
-                restarted.append(label)
+                owed.pop(key, None)
+                if debt is not None:
+                    late.append(f"{label} (deferred since the rotation at {format_time(debt.since)})")
+                    metrics.observe_restart("made_after_deferral")
+                else:
+                    restarted.append(label)
+                    metrics.observe_restart("made")
             else:
                 missing.append(label)
+                owed.pop(key, None)
         except errors.AutoTekError as exc:
             failed.append(f"{label}: {exc.message}")
+            if debt is not None:  # try again later, not in a loop
+                owed[key] = replace(debt, due_at=now + timedelta(seconds=scheduling.RESTART_RETRY_SECONDS))
+    st.pending_restarts = tuple(owed.values())
     if restarted:
         _event(deps, st, "Normal", c.EVENT_RESTARTED, "restarted " + ", ".join(restarted) + " after the rotation", now)
-    if skipped:
-        gap = int(deps.restart_min_interval)
+    if late:
+        log.info("%s: made the deferred restart of %s", st.label(), ", ".join(late))
         _event(
             deps,
             st,
             "Normal",
-            c.EVENT_RESTART_SKIPPED,
-            f"not restarted (restarted less than {gap}s ago): " + ", ".join(skipped),
+            c.EVENT_RESTARTED,
+            "restarted " + ", ".join(late) + ": the minimum interval has passed",
+            now,
+        )
+    if deferred:
+        _event(
+            deps,
+            st,
+            "Normal",
+            c.EVENT_RESTART_DEFERRED,
+            f"restarted less than {int(interval)}s ago (AUTOTEK_RESTART_MIN_INTERVAL), so restarted once the "
+            "interval ends: " + ", ".join(deferred),
             now,
         )
     if missing:
@@ -358,11 +447,13 @@ def _rollout_restart(st: CredentialState, spec: CredentialSpec, deps: Deps, now:
         _event(deps, st, "Warning", c.REASON_RESTART_FAILED, "; ".join(failed), now)
         return Readiness(False, c.REASON_RESTART_FAILED, "; ".join(failed))
     parts = []
-    if restarted:
-        parts.append("restarted " + ", ".join(restarted))
-    if skipped:
-        parts.append("skipped (restarted recently) " + ", ".join(skipped))
-    return Readiness(True, c.REASON_RESTARTED, "; ".join(parts) + f" at {format_time(now)}")
+    if restarted or late:
+        parts.append("restarted " + ", ".join(restarted + late) + f" at {format_time(now)}")
+    if st.pending_restarts:
+        waiting = [f"{o.kind} {o.name} until {format_time(o.due_at)}" for o in st.pending_restarts]
+        parts.append("restart deferred (restarted recently): " + ", ".join(waiting))
+        return Readiness(True, c.REASON_RESTART_DEFERRED, "; ".join(parts))
+    return Readiness(True, c.REASON_RESTARTED, "; ".join(parts))
 
 
 def _failure_message(exc: errors.AutoTekError) -> str:
@@ -374,7 +465,7 @@ def _failure_message(exc: errors.AutoTekError) -> str:
 def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     """Bring one credential up to date. Returns the (mutated) state; never raises AutoTekError."""
     now = deps.clock()
-    owner = Owner(st.namespace, st.name, st.uid)
+    owner = Owner(st.namespace, st.name, st.uid, deps.selector)
     spec: CredentialSpec | None = None
     error: errors.AutoTekError | None = None
     target_ok = False
@@ -515,8 +606,11 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         )
 
     restart: Readiness | None = None
-    if issued == c.EVENT_ROTATED and target_ok and spec is not None and spec.rollout_restart_targets:
-        restart = _rollout_restart(st, spec, deps, now)
+    rotated = issued == c.EVENT_ROTATED and target_ok
+    if spec is None:
+        st.pending_restarts = ()  # a spec that does not parse names no workloads
+    elif (rotated and spec.rollout_restart_targets) or st.pending_restarts:
+        restart = _rollout_restart(st, spec, deps, now, rotated)
 
     if error is None and deferred:
         pass  # nothing was tried: the failure record stands
@@ -582,6 +676,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         "failedAttempts": st.failed_attempts,
         "clientSecretVersion": tok.client_version if tok else None,
         "lastRefreshRequest": st.handled_refresh_request,
+        "pendingRestarts": _owed_to_status(st.pending_restarts),
     }
     if tok is not None:
         st.handled_generation = tok.generation
@@ -655,6 +750,11 @@ def cleanup_deleted(body: Mapping[str, Any], deps: Deps) -> None:
         elif is_ours(target, owner):
             deps.kube.delete_secret(owner.namespace, spec.target.name, uid=target["metadata"].get("uid"))
         log.info("%s/%s: deleted; cleaned up Secret %s", owner.namespace, owner.name, spec.target.name)
+    except Conflict:
+        # Changed since it was read: the next complete list looks at it again (converge.py).
+        log.warning(
+            "%s/%s: Secret %s changed during its cleanup; left for now", owner.namespace, owner.name, spec.target.name
+        )
     except errors.AutoTekError as exc:
         log.warning(
             "%s/%s: cleanup of Secret %s failed: %s", owner.namespace, owner.name, spec.target.name, exc.message

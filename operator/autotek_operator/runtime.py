@@ -19,11 +19,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import constants as c
-from . import metrics
+from . import converge, metrics
 from .errors import AutoTekError
+from .kube import Conflict
 from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
 from .status import find_condition
-from .target import trim_secret
+from .target import trim_secret, unmerge_patch
 
 log = logging.getLogger("autotek_operator")
 
@@ -65,6 +66,11 @@ class Runtime:
         #: True while a label selector scopes the credential watch: a DELETED event may then mean
         #: "no longer selected", so a deletion is confirmed by a read before anything is cleaned up.
         self.confirm_deletions = False
+        #: The operator's marks on every Secret that carries them (no record for other Secrets).
+        self.marked: dict[Key, converge.Mark] = {}
+        #: Marked Secrets whose cleanup is under way, and (Secret, problem) pairs already logged.
+        self._converging: set[Key] = set()
+        self._reported: set[tuple[Key, str]] = set()
         self.inflight: set[Key] = set()
         self.pending: dict[Key, list[Change]] = {}
         #: Credentials deleted while their pass ran: clean up again once it has finished, since
@@ -122,6 +128,9 @@ class Runtime:
                 st.force_new = self._resume_reason(st)
                 self.schedule(key)
             log.info("leading: running passes for %d credentials", len(self.states))
+            # What the previous leader may have missed: Secrets of credentials gone meanwhile.
+            for scope in self.listed_scopes & self.listed_credential_scopes:
+                self.converge_scope(scope)
         else:
             log.info("following: another replica runs the passes")
         if self._wake is not None:
@@ -214,8 +223,9 @@ class Runtime:
                 rerun = change(result) or rerun
             if rerun:
                 self.schedule(key)
-            if result.next_refresh is not None:
-                self.schedule(key, result.next_refresh)
+            due = result.next_due()
+            if due is not None:
+                self.schedule(key, due)
         except Exception:
             log.exception(
                 "%s/%s: unexpected error in a pass; retrying in %ds", key[0], key[1], int(CRASH_RETRY_SECONDS)
@@ -238,6 +248,91 @@ class Runtime:
         if st is not None and change(st):
             log.debug("%s/%s: %s; pass scheduled", key[0], key[1], what)
             self.schedule(key)
+
+    # -- convergence on a complete list ---------------------------------------------------------
+
+    def converge_scope(self, namespace: str | None) -> None:
+        """Compare the Secrets with the operator's marks in ``namespace`` (None: all) with the live
+        credentials, and clean up after those that are gone (confirmed by a read, on a worker)."""
+        if not self.active or self._wake is None:
+            return  # the leader converges; a new leader does when it takes over
+        wanted = {key: frozenset((key[0],)) for key in self.states}
+        todo = []
+        for action in converge.converge(self.marked, wanted, self.deps.selector, namespace):
+            if action.action == converge.BAD_INPUT:
+                if (action.secret, action.why) not in self._reported:
+                    self._reported.add((action.secret, action.why))
+                    log.warning(
+                        "Secret %s/%s carries this operator's marks, but %s; left alone",
+                        action.secret[0],
+                        action.secret[1],
+                        action.why,
+                    )
+                continue
+            if action.secret not in self._converging:
+                self._converging.add(action.secret)
+                todo.append(action)
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+
+        async def clean() -> list[converge.Action]:
+            return await loop.run_in_executor(self._executor, self._clean_orphans, todo)
+
+        def done(fut: asyncio.Task[list[converge.Action]]) -> None:
+            for action in todo:
+                self._converging.discard(action.secret)
+            failed = fut.result() if not fut.cancelled() and fut.exception() is None else todo
+            if failed:  # try again later (a complete list may not come for a long time)
+                loop.call_later(CRASH_RETRY_SECONDS, self.converge_scope, namespace)
+
+        task = asyncio.create_task(clean())
+        task.add_done_callback(done)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _clean_orphans(self, actions: list[converge.Action]) -> list[converge.Action]:
+        """Confirm each credential is gone, then apply its recorded policy (worker thread); the
+        actions that failed."""
+        failed = []
+        kube = self.deps.kube
+        for action in actions:
+            assert action.credential is not None
+            (ns, name), (_, secret_name) = action.credential, action.secret
+            try:
+                if kube.get_credential(ns, name) is not None:
+                    log.debug("%s/%s: still exists; Secret %s left as it is", ns, name, secret_name)
+                    continue
+                secret = kube.get_secret(ns, secret_name)
+                mark = converge.mark_of(secret) if secret is not None else None
+                if secret is None or mark is None:
+                    continue
+                again = converge.decide(action.secret, mark, {}, self.deps.selector)
+                if again.action != action.action or again.credential != action.credential:
+                    continue  # changed since it was seen: the next look decides
+                if action.action == converge.UNMERGE:
+                    kube.patch_secret(ns, secret_name, unmerge_patch(secret))
+                    what = "removed its keys and annotations from"
+                else:
+                    kube.delete_secret(ns, secret_name, uid=(secret.get("metadata") or {}).get("uid"))
+                    what = "deleted"
+                metrics.observe_orphan_cleaned(action.action)
+                log.info(
+                    "%s/%s: deleted while no operator watched; %s Secret %s (%s)",
+                    ns,
+                    name,
+                    what,
+                    secret_name,
+                    action.why,
+                )
+            except Conflict:
+                failed.append(action)
+            except AutoTekError as exc:
+                log.warning(
+                    "%s/%s: cleanup of Secret %s failed: %s; retrying later", ns, name, secret_name, exc.message
+                )
+                failed.append(action)
+        return failed
 
     # -- indexes -----------------------------------------------------------------------------
 
@@ -278,6 +373,8 @@ class Runtime:
             log.info("%s/%s: no longer listed (deleted, or no longer selected); forgotten", key[0], key[1])
             self._forget(key)
         self.listed_credential_scopes.add(namespace)
+        if namespace in self.listed_scopes:
+            self.converge_scope(namespace)
 
     def _cleanup(self, body: Mapping[str, Any]) -> None:
         """Apply the deletion policy of a credential that is gone (worker thread)."""
@@ -388,6 +485,8 @@ class Runtime:
         for skey in gone:
             self.on_secret_event("DELETED", {"metadata": {"namespace": skey[0], "name": skey[1]}})
         self.listed_scopes.add(namespace)
+        if namespace in self.listed_credential_scopes:
+            self.converge_scope(namespace)
 
     def on_secret_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -396,8 +495,14 @@ class Runtime:
         deleted = event_type == "DELETED"
         if deleted:
             self.secret_versions.pop(skey, None)
+            self.marked.pop(skey, None)
         else:
             self.secret_versions[skey] = version
+            mark = converge.mark_of(body)
+            if mark is not None:
+                self.marked[skey] = mark
+            elif skey in self.marked:
+                del self.marked[skey]
         if not self.active:
             return  # the leader reacts; a new leader compares versions when it takes over
 

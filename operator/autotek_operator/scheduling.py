@@ -7,6 +7,7 @@ float in [0, 1)) are arguments, so every decision is a table-testable function o
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .spec import Refresh
@@ -97,3 +98,46 @@ def next_attempt(
         # token request to the floor if need be, and reports Expired).
         candidates.append(expires_at)
     return min(candidates) if candidates else None
+
+
+# -- rollout restarts held back by the minimum interval ----------------------------------------------
+
+#: After a failed restart of a workload owed one, try again this much later.
+RESTART_RETRY_SECONDS = 30.0
+
+RESTART_NOW = "now"
+RESTART_DEFER = "defer"
+RESTART_PAID = "paid"
+
+
+@dataclass(frozen=True, slots=True)
+class OwedRestart:
+    """A restart the minimum interval held back, owed since a rotation (kept in the status)."""
+
+    kind: str
+    name: str
+    #: The first rotation it is owed for (later rotations inside the interval add nothing).
+    since: datetime
+    due_at: datetime
+
+
+def restart_decision(
+    last_restart: datetime | None, owed_since: datetime | None, now: datetime, interval: float
+) -> tuple[str, datetime | None]:
+    """Whether to restart a workload now: (RESTART_NOW, None), (RESTART_DEFER, when the interval
+    since its last restart ends) or (RESTART_PAID, None): restarted after the rotation it is owed
+    for (by anyone), so nothing is owed any more."""
+    if owed_since is not None and last_restart is not None and last_restart > owed_since:
+        return RESTART_PAID, None
+    if last_restart is None or interval <= 0:
+        return RESTART_NOW, None
+    due = last_restart + timedelta(seconds=interval)
+    if now >= due:
+        return RESTART_NOW, None
+    return RESTART_DEFER, due
+
+
+def next_due(next_refresh: datetime | None, owed: tuple[OwedRestart, ...]) -> datetime | None:
+    """A credential's next pass: its next refresh or its earliest owed restart, whichever is first."""
+    times = [t for t in (next_refresh, *(o.due_at for o in owed)) if t is not None]
+    return min(times) if times else None

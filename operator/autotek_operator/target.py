@@ -17,11 +17,14 @@ from .timefmt import format_time, parse_time
 
 @dataclass(frozen=True)
 class Owner:
-    """The AutoTekCredential a target Secret belongs to."""
+    """The AutoTekCredential a target Secret belongs to, and the scope of the operator writing for it."""
 
     namespace: str
     name: str
     uid: str
+    #: AUTOTEK_CREDENTIAL_SELECTOR of the operator that writes the Secret, recorded on it so that
+    #: only an operator of the same scope ever cleans it up once the credential is gone.
+    selector: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,7 @@ def rotation_patch(spec: CredentialSpec, owner: Owner, token: HeldToken, written
     for key in written.keys - data.keys():
         data[key] = None
     return {
-        "metadata": {"resourceVersion": written.version, "annotations": token_annotations(owner, token)},
+        "metadata": {"resourceVersion": written.version, "annotations": our_annotations(spec, owner, token)},
         "data": data,
     }
 
@@ -167,6 +170,44 @@ def token_annotations(owner: Owner, token: HeldToken) -> dict[str, str]:
     }
 
 
+def template_keys(spec: CredentialSpec) -> list[str]:
+    """The data keys the template may write besides the token keys (sorted)."""
+    return sorted(
+        k for k, _ in spec.target.data if _SECRET_KEY.fullmatch(k) and not k.startswith("..") and k not in c.TOKEN_KEYS
+    )
+
+
+def record_annotations(spec: CredentialSpec, owner: Owner) -> dict[str, str]:
+    """What a Secret must record so that its writes can be undone as the credential asked, after
+    the credential is gone: the policies, the writing operator's selector and, for a Secret merged
+    into, the template's keys."""
+    out = {
+        c.ANN_CREATION_POLICY: spec.target.creation_policy,
+        c.ANN_DELETION_POLICY: spec.target.deletion_policy,
+        c.ANN_WRITER_SELECTOR: owner.selector,
+    }
+    if spec.target.creation_policy == CREATION_MERGE:
+        out[c.ANN_TEMPLATE_KEYS] = ",".join(template_keys(spec))
+    return out
+
+
+def our_annotations(spec: CredentialSpec, owner: Owner, token: HeldToken) -> dict[str, str]:
+    """Every annotation the operator writes on a target Secret (template annotations aside)."""
+    return {**token_annotations(owner, token), **record_annotations(spec, owner)}
+
+
+#: Every annotation the operator may have written on a target Secret (removed when it is unmerged).
+OUR_ANNOTATIONS = (
+    c.ANN_CREDENTIAL,
+    c.ANN_EXPIRES_AT,
+    c.ANN_REFRESHED_AT,
+    c.ANN_CREATION_POLICY,
+    c.ANN_DELETION_POLICY,
+    c.ANN_TEMPLATE_KEYS,
+    c.ANN_WRITER_SELECTOR,
+)
+
+
 def owner_reference(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": c.API_VERSION,
@@ -248,7 +289,7 @@ def desired_secret(
     Data is exactly the token keys."""
     meta = _meta(existing)
     labels = {**(meta.get("labels") or {}), **spec.target.labels, c.LABEL_MANAGED_BY: c.MANAGER}
-    annotations = {**(meta.get("annotations") or {}), **spec.target.annotations, **token_annotations(owner, token)}
+    annotations = {**(meta.get("annotations") or {}), **spec.target.annotations, **our_annotations(spec, owner, token)}
     metadata: dict[str, Any] = {
         "name": spec.target.name,
         "namespace": owner.namespace,
@@ -276,23 +317,35 @@ def merge_patch(spec: CredentialSpec, owner: Owner, token: HeldToken) -> dict[st
     return {
         "metadata": {
             "labels": {**spec.target.labels, c.LABEL_MANAGED_BY: c.MANAGER},
-            "annotations": {**spec.target.annotations, **token_annotations(owner, token)},
+            "annotations": {**spec.target.annotations, **our_annotations(spec, owner, token)},
         },
         "data": data,
     }
 
 
 def unmerge_patch(existing: Mapping[str, Any], spec: CredentialSpec | None = None) -> dict[str, Any]:
-    """The merge patch that removes what a Merge credential wrote (deletionPolicy Delete)."""
+    """The merge patch that removes what a Merge credential wrote (deletionPolicy Delete): its
+    label, its annotations, the token keys and the template's keys (from ``spec``, else as recorded
+    on the Secret when the credential is gone). With the Secret's resourceVersion as a precondition,
+    so that it applies only to the Secret as it was inspected."""
+    meta = _meta(existing)
     data_keys = (existing.get("data") or {}).keys()
-    ours = set(c.TOKEN_KEYS) | {k for k, _ in (spec.target.data if spec else ())}
-    return {
+    if spec is not None:
+        extra = {k for k, _ in spec.target.data}
+    else:
+        recorded = (meta.get("annotations") or {}).get(c.ANN_TEMPLATE_KEYS) or ""
+        extra = {k for k in recorded.split(",") if k}
+    ours = set(c.TOKEN_KEYS) | extra
+    patch: dict[str, Any] = {
         "metadata": {
             "labels": {c.LABEL_MANAGED_BY: None},
-            "annotations": {c.ANN_CREDENTIAL: None, c.ANN_EXPIRES_AT: None, c.ANN_REFRESHED_AT: None},
+            "annotations": dict.fromkeys(OUR_ANNOTATIONS),
         },
         "data": {k: None for k in sorted(ours) if k in data_keys},
     }
+    if meta.get("resourceVersion"):
+        patch["metadata"]["resourceVersion"] = meta["resourceVersion"]
+    return patch
 
 
 def matches(existing: Mapping[str, Any] | None, spec: CredentialSpec, owner: Owner, token: HeldToken) -> bool:
@@ -312,7 +365,7 @@ def matches(existing: Mapping[str, Any] | None, spec: CredentialSpec, owner: Own
     elif dict(data) != want_data:
         return False
     want_labels = {**spec.target.labels, c.LABEL_MANAGED_BY: c.MANAGER}
-    want_annotations = {**spec.target.annotations, **token_annotations(owner, token)}
+    want_annotations = {**spec.target.annotations, **our_annotations(spec, owner, token)}
     if any(labels.get(k) != v for k, v in want_labels.items()):
         return False
     if any(annotations.get(k) != v for k, v in want_annotations.items()):
