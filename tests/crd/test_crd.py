@@ -892,6 +892,9 @@ STATUS = {
     "failedAttempts": 0,
     "clientSecretVersion": "12345",
     "lastRefreshRequest": "2026-11-28T03:09:58Z",
+    "pendingRestarts": [
+        {"kind": "Deployment", "name": "web", "since": "2026-11-28T03:10:00Z", "dueAt": "2026-11-28T03:12:00Z"}
+    ],
 }
 
 
