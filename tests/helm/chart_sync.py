@@ -75,42 +75,39 @@ def render(source: Path) -> str:
     return "\n".join([HEADER.format(name=source.name), "{{- if .Values.crds.enabled }}", *body, "{{- end }}", ""])
 
 
-def sources() -> list[Path]:
+def sources(crds_dir: Path = CRDS_DIR) -> list[Path]:
     """The CRD files of crds/ (every YAML file but the kustomization)."""
-    return sorted(p for p in CRDS_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(p for p in crds_dir.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
-def expected() -> dict[Path, str]:
-    return {TARGET_DIR / p.name: render(p) for p in sources()}
+def expected(crds_dir: Path = CRDS_DIR, target_dir: Path = TARGET_DIR) -> dict[Path, str]:
+    return {target_dir / p.name: render(p) for p in sources(crds_dir)}
 
 
-def stale() -> list[str]:
+def stale(crds_dir: Path = CRDS_DIR, target_dir: Path = TARGET_DIR) -> list[str]:
     """What differs between the chart's CRD templates and crds/: one line per file."""
-    want = expected()
+    want = expected(crds_dir, target_dir)
     problems = [
-        f"{path.relative_to(REPO)} is missing" if not path.exists() else f"{path.relative_to(REPO)} is out of date"
+        f"{path.name} is missing" if not path.exists() else f"{path.name} is out of date"
         for path, text in want.items()
         if not path.exists() or path.read_text(encoding="utf-8") != text
     ]
-    problems += [
-        f"{path.relative_to(REPO)} has no source in crds/"
-        for path in sorted(TARGET_DIR.glob("*.yaml"))
-        if path not in want
-    ]
-    return problems
+    extra = [path for path in sorted(target_dir.glob("*.yaml")) if path not in want]
+    problems += [f"{path.name} has no source in crds/" for path in extra]
+    return [f"{target_dir.relative_to(target_dir.parents[3])}/{line}" for line in problems]
 
 
-def write() -> None:
-    TARGET_DIR.mkdir(parents=True, exist_ok=True)
-    want = expected()
-    for path in TARGET_DIR.glob("*.yaml"):
+def write(crds_dir: Path = CRDS_DIR, target_dir: Path = TARGET_DIR) -> None:
+    target_dir.mkdir(parents=True, exist_ok=True)
+    want = expected(crds_dir, target_dir)
+    for path in target_dir.glob("*.yaml"):
         if path not in want:
             path.unlink()
-            print(f"removed {path.relative_to(REPO)}")
+            print(f"removed {path}")
     for path, text in want.items():
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
-            print(f"wrote {path.relative_to(REPO)}")
+            print(f"wrote {path}")
 
 
 def main(argv: list[str]) -> int:

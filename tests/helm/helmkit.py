@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,10 @@ def variant_values(variant: str) -> list[Path]:
     """The values files for one of :data:`VARIANTS` (empty for the default)."""
     path = VARIANTS[variant]
     return [] if path is None else [path]
+
+
+def import_manifest_helpers() -> None:
+    """Make tests/manifests' modules (manifestcheck, test_admission) importable, as pytest's collection does."""
+    folder = str(REPO / "tests" / "manifests")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
