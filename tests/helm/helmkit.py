@@ -101,9 +101,13 @@ def template(
     set_values: Mapping[str, Any] | None = None,
     release: str = RELEASE,
     namespace: str = NAMESPACE,
+    skip_tests: bool = False,
 ) -> list[Doc]:
-    """The objects ``helm template`` renders; raises AssertionError with Helm's message if it fails."""
-    proc = helm("template", *template_args(values_files, set_values, release, namespace))
+    """The objects ``helm template`` renders; raises AssertionError with Helm's message if it fails.
+
+    With ``skip_tests`` the ``helm test`` hook (a Pod only ``helm test`` creates) is left out."""
+    extra = ["--skip-tests"] if skip_tests else []
+    proc = helm("template", *template_args(values_files, set_values, release, namespace), *extra)
     if proc.returncode != 0:
         raise AssertionError(f"helm template failed ({proc.returncode}):\n{proc.stderr}")
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]

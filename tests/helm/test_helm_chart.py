@@ -311,3 +311,26 @@ def test_network_policy() -> None:
     no_dns = only(template(set_values={"networkPolicy.enabled": True, "networkPolicy.dns.enabled": False}),
                   "NetworkPolicy")["spec"]
     assert all(p["port"] != 53 for rule in no_dns["egress"] for p in rule["ports"])
+
+
+def test_helm_test_hook() -> None:
+    helmkit.import_manifest_helpers()
+    import manifestcheck
+
+    docs = template(set_values={"health.port": 8081})
+    pod = only(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    selector = only(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= pod["metadata"]["labels"].items(), "the Service/PDB/NetworkPolicy would select it"
+    assert pod["spec"]["serviceAccountName"] == only(docs, "ServiceAccount")["metadata"]["name"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    script = container["args"][0]
+    compile(script, "helm-test", "exec")
+    assert "/apis/autotek.io/v1alpha1" in script and "autotekcredentials" in script
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["READYZ_URL"] == "http://autotek-operator.autotek-system.svc:8081/readyz"
+    assert manifestcheck.restricted_violations(pod["spec"], pod["metadata"].get("annotations")) == []
+    assert "Pod" not in kinds(template(set_values={"helmTest.enabled": False}))
+    assert "Pod" not in kinds(template(set_values={"metrics.service.enabled": False}))
+    assert "Pod" not in kinds(template(skip_tests=True))

@@ -5,7 +5,8 @@ autotek-system`` (with the variant's ci/ values file) and ``kubectl kustomize`` 
 kustomization must give the same objects. The documented differences, and only those, are removed
 before the comparison:
 
-- the Namespace object of manifests/ (``helm install --create-namespace`` makes the namespace);
+- the Namespace object of manifests/ (``helm install --create-namespace`` makes the namespace), and
+  the chart's ``helm test`` Pod (a hook that only ``helm test`` creates; rendered with ``--skip-tests``);
 - the labels Helm adds: ``helm.sh/chart``, ``app.kubernetes.io/managed-by``, ``app.kubernetes.io/version``
   and ``app.kubernetes.io/instance`` (the last also in the selectors: two releases may share a namespace);
 - the CRD's ``helm.sh/resource-policy: keep`` annotation;
@@ -157,7 +158,7 @@ def compare(chart_docs: list[Doc], manifest_docs: list[Doc]) -> list[str]:
 
 @pytest.mark.parametrize("variant", list(helmkit.VARIANTS))
 def test_chart_renders_what_manifests_install(variant: str) -> None:
-    chart = helmkit.template(values_files=helmkit.variant_values(variant))
+    chart = helmkit.template(values_files=helmkit.variant_values(variant), skip_tests=True)
     manifests = kustomize(KUSTOMIZATIONS[variant])
     problems = compare(chart, manifests)
     assert not problems, f"variant {variant}: the chart and manifests/ differ\n" + "\n\n".join(problems)
@@ -174,7 +175,7 @@ def test_chart_renders_what_manifests_install(variant: str) -> None:
 ])
 def test_the_comparison_notices_a_difference(what: str, change: Any) -> None:
     """The comparison really compares: one change to the chart's Deployment is reported."""
-    chart = helmkit.template()
+    chart = helmkit.template(skip_tests=True)
     manifests = kustomize(KUSTOMIZATIONS["default"])
     deployment = next(d for d in chart if d["kind"] == "Deployment")
     if what == "a changed value":
@@ -186,6 +187,6 @@ def test_the_comparison_notices_a_difference(what: str, change: Any) -> None:
 
 
 def test_the_comparison_notices_a_missing_object() -> None:
-    chart = [d for d in helmkit.template() if d["kind"] != "Service"]
+    chart = [d for d in helmkit.template(skip_tests=True) if d["kind"] != "Service"]
     assert compare(chart, kustomize(KUSTOMIZATIONS["default"])) == [
         "only in manifests/: ('Service', 'autotek-system', 'autotek-operator')"]

@@ -5,7 +5,8 @@ defaulting, OpenAPI and CEL validation and admission, without storing it. Runs o
 ``AUTOTEK_TEST_KUBECONFIG`` names a cluster (the session's control plane with ``KUBEBUILDER_ASSETS``).
 
 The API server is shared with other test workers: the release namespace and the watched namespace
-are made for this module with unique names and deleted afterwards; the CRDs the dry runs need
+are made for this module with unique names (Pod Security "restricted" enforced, and the ServiceAccount
+the ``helm test`` Pod runs as, since a dry run creates none) and deleted afterwards; the CRDs the dry runs need
 (AutoTekCredential, and minimal ServiceMonitor and PrometheusRule ones from tests/manifests) are
 created when missing and, like there, never deleted.
 """
@@ -36,8 +37,12 @@ class Namespaces:
         self.core = kubernetes.client.CoreV1Api(cluster.api)
 
     def create(self) -> None:
+        # Pod Security "restricted" enforced, as manifests/ labels autotek-system: the helm test Pod must pass it.
+        labels = {"autotek.io/test": "helm-dry-run", "pod-security.kubernetes.io/enforce": "restricted"}
         for name in (self.release, self.watched):
-            self.core.create_namespace({"metadata": {"name": name, "labels": {"autotek.io/test": "helm-dry-run"}}})
+            self.core.create_namespace({"metadata": {"name": name, "labels": labels}})
+        # A dry run creates nothing, so the helm test Pod's ServiceAccount must exist for its admission.
+        self.core.create_namespaced_service_account(self.release, {"metadata": {"name": helmkit.RELEASE}})
 
     def delete(self) -> None:
         for name in (self.release, self.watched):
@@ -95,6 +100,7 @@ def test_variant_is_admitted(cluster: Any, namespaces: Namespaces, variant: str)
     if variant == "namespaced":
         assert {d["metadata"].get("namespace") for d in docs if d["kind"] == "Role"} == {
             namespaces.release, namespaces.watched}
+    assert any(d["kind"] == "Pod" for d in docs), "the helm test Pod is not in the rendering"
     cluster.admitted(docs, f"helm template ({variant})")
 
 
