@@ -76,23 +76,3 @@ the Role in each watched namespace. Exactly what the operator calls (manifests/b
   verbs: ["get", "patch"]
 {{- end }}
 {{- end }}
-
-{{/* The ports of the token endpoints, from allowedTokenURLs (443 for https, 80 for http, or the URL's own). */}}
-{{- define "autotek-operator.tokenPorts" -}}
-{{- $ports := list }}
-{{- range .Values.allowedTokenURLs }}
-{{- $url := urlParse . }}
-{{- $hostport := splitList ":" $url.host }}
-{{- if gt (len $hostport) 1 }}
-{{- $ports = append $ports (last $hostport | int) }}
-{{- else if eq $url.scheme "http" }}
-{{- $ports = append $ports 80 }}
-{{- else }}
-{{- $ports = append $ports 443 }}
-{{- end }}
-{{- end }}
-{{- range .Values.networkPolicy.tokenEndpoints.extraPorts }}
-{{- $ports = append $ports (int .) }}
-{{- end }}
-{{- toJson (uniq $ports) }}
-{{- end }}
