@@ -102,3 +102,15 @@ def test_a_cached_binary_with_another_checksum_is_not_trusted(tmp_path: Path) ->
     dest.chmod(0o755)
     proc = run(tmp_path, "touch \"$HOME/npm-was-called\"; exit 1\n", dest)
     assert proc.returncode != 0 and (tmp_path / "npm-was-called").exists(), proc.stderr
+
+
+@pytest.mark.parametrize("target", ["test", "e2e-local"])
+def test_make_targets_get_helm_first(target: str) -> None:
+    """make test (what CI runs) and make e2e-local run make helm before the tests."""
+    proc = subprocess.run(["make", "-n", target], capture_output=True, text=True, timeout=60, check=False,
+                          cwd=helmkit.REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    helm = [i for i, line in enumerate(lines) if "tests/helm-binary.sh" in line]
+    pytest_runs = [i for i, line in enumerate(lines) if "pytest" in line]
+    assert helm and pytest_runs and helm[0] < pytest_runs[0], proc.stdout

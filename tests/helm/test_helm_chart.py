@@ -334,3 +334,17 @@ def test_helm_test_hook() -> None:
     assert "Pod" not in kinds(template(set_values={"helmTest.enabled": False}))
     assert "Pod" not in kinds(template(set_values={"metrics.service.enabled": False}))
     assert "Pod" not in kinds(template(skip_tests=True))
+
+
+def test_helm_package(tmp_path: Path) -> None:
+    proc = helmkit.helm("package", str(CHART), "--destination", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    [package] = list(tmp_path.glob("*.tgz"))
+    assert package.name == f"autotek-operator-{__version__}.tgz"
+    import tarfile
+
+    with tarfile.open(package) as tar:
+        names = set(tar.getnames())
+    for needed in ("values.schema.json", "values.yaml", "README.md", "templates/tests/test-ready.yaml",
+                   *(f"templates/crds/{p.name}" for p in chart_sync.sources())):
+        assert f"autotek-operator/{needed}" in names, f"{needed} is not in the package"
