@@ -114,3 +114,13 @@ def test_make_targets_get_helm_first(target: str) -> None:
     helm = [i for i, line in enumerate(lines) if "tests/helm-binary.sh" in line]
     pytest_runs = [i for i, line in enumerate(lines) if "pytest" in line]
     assert helm and pytest_runs and helm[0] < pytest_runs[0], proc.stdout
+
+
+def test_tests_without_helm_fail_naming_make_helm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HELM", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(helmkit, "CACHED_HELM", tmp_path / "no-helm")
+    with pytest.raises(pytest.fail.Exception, match="make helm"):
+        helmkit.helm_binary()
+    monkeypatch.setenv("HELM", "/opt/helm")
+    assert helmkit.helm_binary() == "/opt/helm"
