@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,9 @@ class Env:
         return self.helm(*args)
 
     def releases(self) -> list[dict[str, Any]]:
-        proc = self.helm("list", "--all-namespaces", "--all", "--output", "json")
+        # Every state (Helm 4 has no --all): a failed or pending release counts as left behind too.
+        proc = self.helm("list", "--all-namespaces", "--deployed", "--failed", "--pending", "--uninstalling",
+                         "--output", "json")
         assert proc.returncode == 0, proc.stderr
         found: list[dict[str, Any]] = json.loads(proc.stdout or "[]")
         return found
@@ -155,6 +157,13 @@ class Env:
         if any(r.get("name") == RELEASE for r in self.releases()):
             proc = self.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--timeout", "60s")
             assert proc.returncode == 0, f"helm uninstall failed:\n{proc.stderr}"
+
+    def clean_up(self, namespaces: Sequence[str]) -> None:
+        """Back to a fresh plane: no release, no namespace of the test's, and no CRD (which the chart keeps
+        on uninstall, so every test starts without one)."""
+        self.uninstall_if_present()
+        self.delete_namespaces(*namespaces, NAMESPACE)
+        self.kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=60s", timeout=90)
 
     # -- credentials ----------------------------------------------------------------------------
 
@@ -303,11 +312,10 @@ class LocalOperator:
         return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
 
 
-def call_status(api: kubernetes.client.ApiClient, path: str) -> int:
-    """The HTTP status of ``GET path`` with ``api``'s identity."""
+def call_status(call: Callable[..., Any], *args: Any) -> int:
+    """The HTTP status of one list call of the kubernetes client (200, or the refusal's code)."""
     try:
-        api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False,
-                     _return_http_data_only=True)
+        call(*args, _preload_content=False)
     except ApiException as exc:
         return int(exc.status)
     return 200
@@ -322,7 +330,7 @@ def who_am_i(api: kubernetes.client.ApiClient) -> str:
 @contextlib.contextmanager
 def release(env: Env, values: dict[str, Any], namespaces: Sequence[str] = ()) -> Iterator[list[LocalOperator]]:
     """The chart installed with ``values`` (``namespaces`` created first); yields a list to put operators in.
-    At the end: operators stopped, release uninstalled, release and app namespaces deleted."""
+    At the end: operators stopped, then :meth:`Env.clean_up`."""
     operators: list[LocalOperator] = []
     try:
         for ns in namespaces:
@@ -333,8 +341,7 @@ def release(env: Env, values: dict[str, Any], namespaces: Sequence[str] = ()) ->
     finally:
         for op in operators:
             op.stop()
-        env.uninstall_if_present()
-        env.delete_namespaces(*namespaces, NAMESPACE)
+        env.clean_up(namespaces)
 
 
 def start_operator(env: Env, operators: list[LocalOperator], name: str) -> LocalOperator:
@@ -379,8 +386,7 @@ def test_1_bad_values_are_refused_before_anything_is_applied(env: Env, values: d
         after = snapshot(env)
         assert after == before, f"objects created {sorted(after - before)}, changed or deleted {sorted(before - after)}"
     finally:
-        env.uninstall_if_present()
-        env.delete_namespaces(NAMESPACE)
+        env.clean_up([])
 
 
 # -- 2: install, cluster-wide ------------------------------------------------------------------------
@@ -400,9 +406,11 @@ def test_2_install_then_the_operator_runs_with_only_the_charts_rbac(env: Env) ->
         op = start_operator(env, operators, "clusterwide")
         api = op.api()
         assert who_am_i(api) == OPERATOR_USER
+        core = kubernetes.client.CoreV1Api(api)
         # The identity is not admin: what the chart does not grant is refused.
-        assert call_status(api, f"/api/v1/namespaces/{app}/configmaps") == 403
-        assert call_status(api, "/api/v1/namespaces") == 403
+        assert call_status(core.list_namespaced_config_map, app) == 403
+        assert call_status(core.list_namespace) == 403
+        assert call_status(core.list_secret_for_all_namespaces) == 200
 
         env.credential(app)
         env.wait_ready(app)
@@ -414,6 +422,52 @@ def test_2_install_then_the_operator_runs_with_only_the_charts_rbac(env: Env) ->
         assert lease is not None and lease["spec"]["holderIdentity"] == op.pod_name, lease
         assert op.alive(), "the operator died"
         op.check_log()
+
+
+def chart_copy(workdir: Path, name: str) -> Path:
+    """A fresh copy of the chart in ``workdir`` (to edit for one test)."""
+    copy = workdir / name / helmkit.CHART.name
+    shutil.rmtree(copy.parent, ignore_errors=True)
+    shutil.copytree(helmkit.CHART, copy)
+    return copy
+
+
+def rendered(chart: Path, *args: str) -> list[dict[str, Any]]:
+    proc = helmkit.helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, *args)
+    assert proc.returncode == 0, f"helm template {chart} failed:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_2b_a_rule_missing_from_the_charts_rbac_fails(env: Env) -> None:
+    """A test of the test above: from a copy of the chart whose rules lack ``create`` on Secrets, the operator is
+    refused (HTTP 403), the credential never becomes Ready, and the log check of test 2 fails."""
+    app = "helm-app"
+    crippled = chart_copy(env.workdir, "chart-without-secret-create")
+    helpers = crippled / "templates" / "_helpers.tpl"
+    text, count = re.subn(r'(resources: \["secrets"\]\n\s*verbs: \[[^\]\n]*?)"create", ', r"\1", helpers.read_text())
+    assert count == 1, f"{helpers}: expected one `verbs` line for Secrets with create, found {count}"
+    helpers.write_text(text)
+    role = next(d for d in rendered(crippled) if d["kind"] == "ClusterRole")
+    assert not [r for r in role["rules"] if "secrets" in r["resources"] and "create" in r["verbs"]], role["rules"]
+
+    operators: list[LocalOperator] = []
+    try:
+        env.create_namespace(app)
+        proc = env.install({}, chart=crippled)
+        assert proc.returncode == 0, f"helm install failed ({proc.returncode}):\n{proc.stderr}"
+        op = start_operator(env, operators, "without-secret-create")
+        env.credential(app)
+        e2ekit.wait_for("the operator to log a 403", lambda: e2ekit.rbac_denials(op.log()), timeout=30, interval=0.5)
+        assert "create secrets failed: HTTP 403 Forbidden" in op.log()
+        cond = env.kubectl.condition(env.get_credential(app), "Ready")
+        assert cond is None or cond["status"] != "True", cond
+        assert env.kubectl.get("secret", "autotek-token", app) is None
+        with pytest.raises(AssertionError, match="refused by the API server"):
+            op.check_log()
+    finally:
+        for op in operators:
+            op.stop()
+        env.clean_up([app])
 
 
 # -- 3: install, namespaced ------------------------------------------------------------------------------
@@ -442,12 +496,13 @@ def test_3_namespaced_values_only_the_charts_roles(env: Env) -> None:
 
         api = op.api()
         assert who_am_i(api) == OPERATOR_USER
+        core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
         for ns in watched:
-            assert call_status(api, f"/api/v1/namespaces/{ns}/secrets") == 200
+            assert call_status(core.list_namespaced_secret, ns) == 200
         # The RBAC is namespaced: Secrets elsewhere, or everywhere, are refused.
-        assert call_status(api, f"/api/v1/namespaces/{unwatched}/secrets") == 403
-        assert call_status(api, "/api/v1/secrets") == 403
-        assert call_status(api, f"/apis/{GROUP}/{VERSION}/{PLURAL}") == 403
+        assert call_status(core.list_namespaced_secret, unwatched) == 403
+        assert call_status(core.list_secret_for_all_namespaces) == 403
+        assert call_status(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL) == 403
 
         time.sleep(3)  # the watched credentials are Ready: the unwatched one would have been seen by now
         other = env.get_credential(unwatched) or {}
@@ -462,9 +517,7 @@ def test_3_namespaced_values_only_the_charts_roles(env: Env) -> None:
 
 def chart_with_new_crd_field(workdir: Path) -> Path:
     """A copy of the chart whose CRD has one more optional spec field, :data:`NEW_FIELD`."""
-    copy = workdir / "chart-upgraded" / helmkit.CHART.name
-    shutil.rmtree(copy.parent, ignore_errors=True)
-    shutil.copytree(helmkit.CHART, copy)
+    copy = chart_copy(workdir, "chart-upgraded")
     pattern = re.compile(r"^(?P<indent> +)clientSecretRef:\s*$", re.MULTILINE)
     edited = []
     for path in sorted(copy.rglob("*.yaml")):
@@ -497,37 +550,31 @@ def test_4_upgrade_applies_a_changed_crd(env: Env) -> None:
     field is stored and read back, and the credential made before the upgrade is still there."""
     app = "helm-app"
     upgraded = chart_with_new_crd_field(env.workdir)
-    rendered = helmkit.helm("template", RELEASE, str(upgraded), "--namespace", NAMESPACE)
-    assert rendered.returncode == 0, rendered.stderr
-    crds = [d for d in yaml.safe_load_all(rendered.stdout) if d and d.get("kind") == "CustomResourceDefinition"]
+    crds = [d for d in rendered(upgraded) if d["kind"] == "CustomResourceDefinition"]
     assert any(NEW_FIELD in json.dumps(d) for d in crds), "the edited chart does not render the new field"
     patch = json.dumps({"spec": {NEW_FIELD: "kept"}})
-    try:
-        with release(env, {}, namespaces=[app]):
-            env.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
-            assert NEW_FIELD not in crd_spec_properties(env), "the chart's own CRD already has the field"
-            env.credential(app)
+    with release(env, {}, namespaces=[app]):
+        env.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+        assert NEW_FIELD not in crd_spec_properties(env), "the chart's own CRD already has the field"
+        env.credential(app)
+        env.kubectl("patch", "atc", "autotek", "-n", app, "--type=merge", "-p", patch)
+        before = env.get_credential(app) or {}
+        assert NEW_FIELD not in before.get("spec", {}), "the API server kept a field the CRD does not have"
+
+        proc = env.install({}, chart=upgraded, verb="upgrade")
+        assert proc.returncode == 0, f"helm upgrade failed ({proc.returncode}):\n{proc.stderr}"
+        assert NEW_FIELD in crd_spec_properties(env), "helm upgrade did not apply the changed CRD"
+        assert [r["revision"] for r in env.releases() if r["name"] == RELEASE] == ["2"]
+        env.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+
+        def served() -> bool:
             env.kubectl("patch", "atc", "autotek", "-n", app, "--type=merge", "-p", patch)
-            before = env.get_credential(app) or {}
-            assert NEW_FIELD not in before.get("spec", {}), "the API server kept a field the CRD does not have"
+            return (env.get_credential(app) or {}).get("spec", {}).get(NEW_FIELD) == "kept"
 
-            proc = env.install({}, chart=upgraded, verb="upgrade")
-            assert proc.returncode == 0, f"helm upgrade failed ({proc.returncode}):\n{proc.stderr}"
-            assert NEW_FIELD in crd_spec_properties(env), "helm upgrade did not apply the changed CRD"
-            assert [r["revision"] for r in env.releases() if r["name"] == RELEASE] == ["2"]
-            env.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
-
-            def served() -> bool:
-                env.kubectl("patch", "atc", "autotek", "-n", app, "--type=merge", "-p", patch)
-                return (env.get_credential(app) or {}).get("spec", {}).get(NEW_FIELD) == "kept"
-
-            # The API server picks up a new schema within moments of the CRD's update.
-            e2ekit.wait_for(f"spec.{NEW_FIELD} to be stored after the upgrade", served, timeout=30, interval=1)
-            after = env.get_credential(app) or {}
-            assert after["metadata"]["uid"] == before["metadata"]["uid"], "the credential was replaced"
-    finally:
-        # The edited CRD must not outlive this test (its credentials went with the namespace).
-        env.kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=60s", timeout=90)
+        # The API server picks up a new schema within moments of the CRD's update.
+        e2ekit.wait_for(f"spec.{NEW_FIELD} to be stored after the upgrade", served, timeout=30, interval=1)
+        after = env.get_credential(app) or {}
+        assert after["metadata"]["uid"] == before["metadata"]["uid"], "the credential was replaced"
 
 
 # -- 5: uninstall -------------------------------------------------------------------------------------------
@@ -546,43 +593,47 @@ def test_5_uninstall_keeps_the_crd_and_credentials_and_removes_the_rest(
     """``helm uninstall``: the CRD, the credentials and their Secrets stay; every other object of the release
     (Deployment, Service, ServiceAccount, ClusterRole(Binding), Roles, bindings...) and the release are gone."""
     app = watched[0] if watched else "helm-app"
-    namespaces = watched or [app]
-    try:
-        with release(env, values, namespaces=namespaces) as operators:
-            docs = env.manifest()
-            names = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
-            assert len(docs) >= 8, sorted(names)
-            op = start_operator(env, operators, "uninstall")
-            env.credential(app)
-            cred = env.wait_ready(app)
-            op.stop()
-            op.check_log()
-            assert len(env.existing(docs)) == len(docs), f"not all of {sorted(names)} exist"
+    crd_ref = f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME}"
+    with release(env, values, namespaces=watched or [app]) as operators:
+        docs = env.manifest()
+        names = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+        assert len(docs) >= 8, names
+        op = start_operator(env, operators, "uninstall")
+        env.credential(app)
+        cred = env.wait_ready(app)
+        op.stop()
+        op.check_log()
+        assert len(env.existing(docs)) == len(docs), f"not all of {names} exist"
 
-            proc = env.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--timeout", "60s")
-            assert proc.returncode == 0, f"helm uninstall failed:\n{proc.stderr}"
+        proc = env.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--timeout", "60s")
+        assert proc.returncode == 0, f"helm uninstall failed:\n{proc.stderr}"
 
-            crd_only = [f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME}"]
-            left = e2ekit.wait_for("every object of the release but the CRD to be gone",
-                                   lambda: (found := env.existing(docs)) == crd_only and found, 60, 1)
-            assert left == crd_only
-            assert env.releases() == [], "the release is still recorded"
-            labelled = env.kubectl.text(
-                "get", "all,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,networkpolicies,"
-                "poddisruptionbudgets,configmaps,secrets,leases", "--all-namespaces",
-                "-l", "app.kubernetes.io/managed-by=Helm", "-o", "name").split()
-            assert labelled == [], f"objects labelled managed-by=Helm remain: {labelled}"
-            pods = env.kubectl.json("get", "pods,replicasets", "-n", NAMESPACE)
-            assert not (pods or {}).get("items"), "the operator's ReplicaSets or pods remain"
+        left: list[str] = []
 
-            env.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=10s")
-            kept = env.get_credential(app)
-            assert kept is not None, "the credential was deleted with the release"
-            assert kept["metadata"]["uid"] == cred["metadata"]["uid"]
-            assert env.kubectl.condition(kept, "Ready") is not None, "the credential lost its status"
-            assert env.token_in(app, "autotek-token"), "the credential's Secret lost its token"
-    finally:
-        env.kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=60s", timeout=90)
+        def nothing_left() -> bool:
+            workloads = env.kubectl.json("get", "replicasets,pods", "-n", NAMESPACE) or {}
+            left[:] = [n for n in env.existing(docs) if n != crd_ref]
+            left.extend(f"{o['kind']}/{o['metadata']['name']}" for o in workloads.get("items", []))
+            return not left
+
+        try:
+            e2ekit.wait_for("the release's objects, ReplicaSets and pods to be deleted", nothing_left, 60, 1)
+        except AssertionError:
+            raise AssertionError(f"left after helm uninstall: {left}") from None
+        assert env.releases() == [], "the release is still recorded"
+        labelled = env.kubectl.text(
+            "get", "all,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,networkpolicies,"
+            "poddisruptionbudgets,configmaps,secrets", "--all-namespaces",
+            "-l", "app.kubernetes.io/managed-by=Helm", "-o", "name").split()
+        assert labelled == [], f"objects labelled managed-by=Helm remain: {labelled}"
+
+        assert crd_ref in env.existing(docs), "helm uninstall deleted the CRD, and with it every credential"
+        env.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=10s")
+        kept = env.get_credential(app)
+        assert kept is not None, "the credential was deleted with the release"
+        assert kept["metadata"]["uid"] == cred["metadata"]["uid"]
+        assert env.kubectl.condition(kept, "Ready") is not None, "the credential lost its status"
+        assert env.token_in(app, "autotek-token"), "the credential's Secret lost its token"
 
 
 # -- 6: nothing left behind ---------------------------------------------------------------------------------
