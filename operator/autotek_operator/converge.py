@@ -100,6 +100,9 @@ def decide(secret: Key, mark: Mark, wanted: Mapping[Key, frozenset[str]], select
     """What to do with one marked Secret. ``wanted``: each live credential in this operator's scope
     and the namespaces it wants its Secret in; ``selector``: this operator's credential selector."""
     ns = secret[0]
+    if mark.selector is not None and mark.selector != selector:
+        # Another operator's scope: its credentials are not ours to judge, nor its Secrets to report.
+        return Action(secret, LEAVE, None, "written by an operator with another credential selector")
     if not valid_name(mark.credential):
         return Action(secret, BAD_INPUT, None, f"its {c.ANN_CREDENTIAL} annotation is not a valid name")
     key = (ns, mark.credential)
@@ -112,8 +115,6 @@ def decide(secret: Key, mark: Mark, wanted: Mapping[Key, frozenset[str]], select
             key,
             "written by an older version that did not record the deletion policy and scope; left as it is",
         )
-    if mark.selector != selector:
-        return Action(secret, LEAVE, key, "written by an operator with another credential selector")
     if mark.deletion_policy == DELETION_RETAIN:
         return Action(secret, LEAVE, key, "deletionPolicy Retain")
     if mark.deletion_policy != DELETION_DELETE or mark.creation_policy not in (CREATION_OWNER, CREATION_MERGE):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import http.client
 import ipaddress
 import json
 import secrets
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -744,3 +746,204 @@ class Observer:
         with self.cond:
             self.cond.notify_all()
         self._thread.join(5)
+
+
+# -- an HTTP(S) proxy in front of the API server that can cut watches and expire resourceVersions ----------
+
+
+_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "host",
+                "content-length", "trailer"}
+
+
+class _APIHandler(BaseHTTPRequestHandler):
+    server: _APIServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        owner = self.server.owner
+        url = urlsplit(self.path)
+        query = url.query
+        watching = "watch=true" in query or "watch=1" in query
+        listing = not watching and "limit=" in query
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+        verdict = owner.verdict(url.path, query, watching, listing)
+        if verdict is not None:
+            status, reason = verdict
+            doc = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": reason,
+                   "reason": "Expired" if status == 410 else "ServiceUnavailable", "code": status}
+            self._reply(status, json.dumps(doc).encode())
+            return
+        conn = owner.upstream_connection(timeout=120 if watching else 30)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            if not watching:
+                self._reply(resp.status, resp.read(), resp.getheaders())
+                return
+            self.send_response(resp.status)
+            for key, value in resp.getheaders():
+                if key.lower() not in _HOP_HEADERS:
+                    self.send_header(key, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            with owner.lock:
+                if owner.cutting:  # cut while this stream was being opened
+                    return
+                owner.streams.add(self.connection)
+            try:
+                while True:
+                    chunk = resp.read1(65536)
+                    if not chunk or owner.cutting:
+                        break
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            finally:
+                with owner.lock:
+                    owner.streams.discard(self.connection)
+        except (OSError, ssl.SSLError):
+            self.close_connection = True
+        finally:
+            conn.close()
+
+    def _reply(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        sent_type = False
+        for key, value in headers:
+            if key.lower() not in _HOP_HEADERS:
+                self.send_header(key, value)
+                sent_type = sent_type or key.lower() == "content-type"
+        if not sent_type:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+
+class _APIServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, owner: APIProxy) -> None:
+        self.owner = owner
+        super().__init__(("127.0.0.1", 0), _APIHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        conn = request
+        if self.owner.tls is not None:
+            request.settimeout(10)
+            try:
+                conn = self.owner.tls.wrap_socket(request, server_side=True)
+            except OSError:
+                return
+            conn.settimeout(None)
+        try:
+            _APIHandler(conn, client_address, self)
+        finally:
+            if conn is not request:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class APIProxy:
+    """An HTTP(S) relay on 127.0.0.1 between one operator and the API server, speaking HTTP so that it can
+    do to list and watch requests what a busy API server does:
+
+    - ``cut()``: the open watch streams end, and every list and watch request is answered 503 (as while the
+      API server restarts or a load balancer drains);
+    - ``expire()``: lists pass again, but a watch resumed from a resourceVersion given before it is answered
+      410 Gone until that collection has been listed anew: the resourceVersion has left the API server's
+      watch cache (or etcd was compacted), which is how a watch ends up "broken past a 410" on a real
+      cluster. Events of that gap are never delivered: only a new list shows what changed.
+
+    Everything else (reads and writes of single objects) passes through unchanged, with the caller's own
+    credentials. ``kubeconfig`` is the operator's, rewritten to point here (with ``ca`` as the server's CA).
+    """
+
+    def __init__(self, kubeconfig: Path, dst: Path, ca: CA, workdir: Path) -> None:
+        doc = yaml.safe_load(kubeconfig.read_text())
+        current = next(x for x in doc["contexts"] if x["name"] == doc["current-context"])["context"]["cluster"]
+        cluster = next(x for x in doc["clusters"] if x["name"] == current)["cluster"]
+        url = urlsplit(cluster["server"])
+        self.scheme, self.host, self.port_up = url.scheme, url.hostname or "127.0.0.1", url.port
+        self.upstream_tls: ssl.SSLContext | None = None
+        self.tls: ssl.SSLContext | None = None
+        if self.scheme == "https":
+            self.upstream_tls = ssl.create_default_context()
+            if cluster.get("certificate-authority-data"):
+                self.upstream_tls.load_verify_locations(
+                    cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+            elif cluster.get("certificate-authority"):
+                self.upstream_tls.load_verify_locations(cafile=cluster["certificate-authority"])
+            self.server_name = cluster.get("tls-server-name") or self.host
+            self.tls = ca.server_context(workdir, "api-proxy")
+        self.lock = threading.Lock()
+        self.streams: set[Any] = set()
+        self.cutting = False
+        #: While expiring: the collections (paths) listed since expire(); None when not expiring.
+        self.relisted: set[str] | None = None
+        #: (time, path, status) of every request answered by the proxy itself (503 and 410).
+        self.answered: list[tuple[float, str, int]] = []
+        self._server = _APIServer(self)
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                         name="api-proxy-http").start()
+        cluster["server"] = f"{self.scheme}://127.0.0.1:{self.port}{url.path}"
+        cluster.pop("tls-server-name", None)
+        if self.tls is not None:
+            cluster.pop("certificate-authority", None)
+            cluster["certificate-authority-data"] = base64.b64encode(ca.pem.encode()).decode()
+        dst.write_text(yaml.safe_dump(doc))
+        self.kubeconfig = dst
+
+    def upstream_connection(self, timeout: float) -> Any:
+        if self.upstream_tls is not None:
+            return http.client.HTTPSConnection(self.host, self.port_up, timeout=timeout, context=self.upstream_tls)
+        return http.client.HTTPConnection(self.host, self.port_up, timeout=timeout)
+
+    def verdict(self, path: str, query: str, watching: bool, listing: bool) -> tuple[int, str] | None:
+        """(status, message) for a request the proxy answers itself; None: pass it through."""
+        with self.lock:
+            answer = None
+            if (watching or listing) and self.cutting:
+                answer = (503, "the API server is not serving lists and watches right now")
+            elif listing and self.relisted is not None:
+                self.relisted.add(path)
+            elif watching and self.relisted is not None and "resourceVersion=" in query and path not in self.relisted:
+                answer = (410, "too old resource version")
+            if answer is not None:
+                self.answered.append((time.time(), path, answer[0]))
+            return answer
+
+    def cut(self) -> None:
+        with self.lock:
+            self.cutting = True
+            streams = list(self.streams)
+        for sock in streams:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def expire(self) -> None:
+        with self.lock:
+            self.cutting = False
+            self.relisted = set()
+
+    def expired(self) -> list[str]:
+        """The paths of the watches answered 410."""
+        return [p for _, p, s in self.answered if s == 410]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
