@@ -310,7 +310,7 @@ class Run:
                     f"N={n} backlog: all Ready {seconds}s after the operator's start ({self.r['backlog']['per_s']}/s), "
                     f"CPU {self.r['backlog']['operator_cpu_ms_per_credential']} ms/credential, "
                     f"peak RSS {self.r['backlog']['operator_peak_rss_mib']} MiB, "
-                    f"server {self.r['backlog']['server_cpu']}"
+                    f"apiserver/etcd {server_cpu(self.r['backlog'])} % of a core"
                 )
                 if ready["timed_out"]:
                     raise RuntimeError(f"backlog: only {ready['ready']} of {n} became Ready; see operator-backlog.log")
@@ -363,7 +363,7 @@ class Run:
                     log(
                         f"N={n} lean loop, {threads} threads: {run['seconds']}s ({run['per_s']}/s), "
                         f"errors {run['errors']}, CPU {run['cpu_ms_per_credential']} ms/credential, "
-                        f"server {run['server_cpu']}"
+                        f"apiserver/etcd {server_cpu(run)} % of a core"
                     )
                 ok = [r for r in runs if r["per_s"] and not r["errors"]]
                 best = max(ok, key=lambda r: r["per_s"]) if ok else None
@@ -434,7 +434,7 @@ class Run:
                 "create_s": round(create_s, 2),
                 **{k: v for k, v in ready.items() if k != "poll_interval"},
                 "seconds": ready["t100"],
-                "poll_interval_s": ready["poll_interval"],
+                "poll_interval_s": ready.get("poll_interval"),
                 "operator_cpu_s": round(sample.get("cpu", 0) - startup_sample.get("cpu", 0), 2),
                 "operator_rss_mib": mib(sample.get("VmRSS", 0)),
                 "operator_peak_rss_mib": mib(sample.get("VmHWM", 0)),
@@ -798,6 +798,7 @@ class Run:
                 spy = None
                 if raw.exists():
                     out["py_spy_summary"] = profiling.summarise(raw)
+                    out["py_spy_by_call"] = profiling.by_call(raw)
                     out["py_spy_raw"] = str(raw)
             time.sleep(3.0)
             os.kill(op.pid, signal.SIGUSR1)
@@ -1168,6 +1169,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for row in prof["py_spy_summary"]["by_package_self"][:12]:
             print(f"  {row['pct']:5.1f}%  {row['function']}")
+        if prof.get("py_spy_by_call"):
+            print("  by call (% of all samples / of the workers' samples):")
+            for row in prof["py_spy_by_call"]["rows"]:
+                print(f"  {row['pct_of_all']:5.1f}% / {fmt(row['pct_of_workers']):>5}  {row['what']}")
     print(f"JSON: {args.out}; logs: {workdir}")
     return status
 

@@ -856,7 +856,15 @@ class Cluster:
         its ``apiserver_request_total`` (every client's requests, the bench's own included)."""
         if not self.emulated:
             text = self.metrics_text()
-            return parse_request_totals(text) if text is not None else None
+            if text is None:
+                return None
+            out = parse_request_totals(text)
+            # Every request of a ServiceAccount outside kube-system (the operator's, the lean loop's, and no
+            # one else's here) goes through APF's FlowSchema "service-accounts": their exact total.
+            apf = parse_flowcontrol(text, "service-accounts")
+            out["APF:service-accounts dispatched"] = apf["dispatched"]
+            out["APF:service-accounts rejected"] = apf["rejected"]
+            return out
         return http_json("GET", self.url + "/_emulator/stats")["requests"]  # type: ignore[no-any-return]
 
     def reset_request_counts(self) -> None:

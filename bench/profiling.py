@@ -92,3 +92,62 @@ def summarise(raw_path: Path, top: int = 25) -> dict[str, Any]:
         "top_self": rows(self_counts),
         "innermost_operator_frame": rows(op_cum),
     }
+
+
+#: What a worker's pass spends its time on, by the call on the stack (first match wins, innermost
+#: first): (label, file fragment, function names).
+CALLS = (
+    ("token request (TokenClient)", "token_client.py", ("request", "_post", "_exchange")),
+    ("GET a Secret (the client Secret)", "kube.py", ("get_secret",)),
+    ("create the target Secret", "kube.py", ("create_secret",)),
+    ("patch/replace the target Secret", "kube.py", ("patch_secret", "replace_secret")),
+    ("post the Event", "kube.py", ("create_event",)),
+    ("patch the credential's status", "kube.py", ("patch_credential_status",)),
+    ("other Kubernetes calls", "kube.py", ()),
+)
+
+
+def by_call(raw_path: Path) -> dict[str, Any]:
+    """Samples by what they were doing: for the worker threads (a ``run_pass`` frame on the stack) the
+    API call or token request under way, else the pass's own code; for the rest, which thread kind."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = workers = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = []
+        for frame in stack.split(";"):
+            m = _FRAME.match(frame.strip())
+            if m is not None:
+                frames.append((m["func"].rsplit(".", 1)[-1], m["file"]))
+        if any(f == "run_pass" and "reconcile.py" in p for f, p in frames):
+            workers += count
+            label = "the pass's own code (parse, status, target data, scheduling)"
+            for func, path in reversed(frames):
+                hit = next((lbl for lbl, frag, funcs in CALLS if frag in path and (not funcs or func in funcs)), None)
+                if hit is not None and "autotek_operator" in path:
+                    label = hit
+                    break
+            counts["worker: " + label] += count
+        elif any("watch.py" in p and "autotek_operator" in p for _, p in frames):
+            counts["watch threads (list, watch streams, parsing)"] += count
+        elif any("/kopf/" in p or "/asyncio/" in p or "runtime.py" in p for _, p in frames):
+            counts["event loop (runtime, kopf, asyncio)"] += count
+        else:
+            counts["other"] += count
+    return {
+        "samples": total,
+        "worker_samples": workers,
+        "rows": [
+            {
+                "what": k,
+                "samples": v,
+                "pct_of_all": round(100.0 * v / total, 1) if total else 0.0,
+                "pct_of_workers": round(100.0 * v / workers, 1) if workers and k.startswith("worker: ") else None,
+            }
+            for k, v in counts.most_common()
+        ],
+    }
