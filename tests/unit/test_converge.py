@@ -205,3 +205,91 @@ async def test_only_secrets_with_marks_are_remembered(rt: Any) -> None:
     assert set(runtime.marked) == {(NS, "target")}
     runtime.on_secret_event("DELETED", kube.secrets[(NS, "target")])
     assert runtime.marked == {}
+
+
+# -- what every write records on the Secret -----------------------------------------------------------------
+
+
+def _world(selector: str = SEL) -> tuple[Any, FakeKube, Any]:
+    from fakes import Clock
+
+    from autotek_operator.reconcile import Deps
+
+    clock = Clock()
+    kube = FakeKube()
+    kube.put_secret(NS, "client", {"client_id": "id", "client_secret": "s"})
+    deps = Deps(kube=kube, tokens=FakeTokens(clock), clock=clock, rand=lambda: 0.0,  # type: ignore[arg-type]
+                selector=selector)
+    return clock, kube, deps
+
+
+def _cred(target: dict[str, Any]) -> Any:
+    from autotek_operator.reconcile import CredentialState
+
+    return CredentialState.from_body({"metadata": {"namespace": NS, "name": "cred", "uid": "u", "generation": 1},
+                                      "spec": {"clientSecretRef": {"name": "client"}, "target": target}})
+
+
+def _recorded(kube: FakeKube, name: str) -> dict[str, str]:
+    annotations = kube.secrets[(NS, name)]["metadata"]["annotations"]
+    return {k: v for k, v in annotations.items()
+            if k in (c.ANN_CREATION_POLICY, c.ANN_DELETION_POLICY, c.ANN_WRITER_SELECTOR, c.ANN_TEMPLATE_KEYS)}
+
+
+@pytest.mark.parametrize(
+    ("target", "recorded"),
+    [
+        ({"name": "t"}, {c.ANN_CREATION_POLICY: "Owner", c.ANN_DELETION_POLICY: "Delete", c.ANN_WRITER_SELECTOR: SEL}),
+        ({"name": "t", "deletionPolicy": "Retain"},
+         {c.ANN_CREATION_POLICY: "Owner", c.ANN_DELETION_POLICY: "Retain", c.ANN_WRITER_SELECTOR: SEL}),
+        ({"name": "t", "creationPolicy": "Merge", "template": {"data": {"b.env": "x", "a.env": "y", "access_token": "z"}}},
+         {c.ANN_CREATION_POLICY: "Merge", c.ANN_DELETION_POLICY: "Delete", c.ANN_WRITER_SELECTOR: SEL,
+          c.ANN_TEMPLATE_KEYS: "a.env,b.env"}),
+        ({"name": "t", "creationPolicy": "Merge"},
+         {c.ANN_CREATION_POLICY: "Merge", c.ANN_DELETION_POLICY: "Delete", c.ANN_WRITER_SELECTOR: SEL,
+          c.ANN_TEMPLATE_KEYS: ""}),
+    ],
+)
+def test_every_write_records_the_policies_and_scope_and_rotations_keep_them(target: dict[str, Any],
+                                                                             recorded: dict[str, str]) -> None:
+    from autotek_operator.reconcile import run_pass
+
+    clock, kube, deps = _world()
+    if target.get("creationPolicy") == "Merge":
+        kube.put_secret(NS, "t", {"theirs": "x"})
+    st = run_pass(_cred(target), deps)
+    assert _recorded(kube, "t") == recorded
+    clock.advance(3600 * 0.67 + 1)
+    st = run_pass(st, deps)  # a rotation (a merge patch)
+    assert st.token is not None and st.token.access_token == "tok-2"
+    assert _recorded(kube, "t") == recorded
+
+
+def test_a_secret_written_before_the_marks_were_recorded_gets_them_on_its_next_pass() -> None:
+    from autotek_operator.reconcile import run_pass
+
+    clock, kube, deps = _world()
+    st = run_pass(_cred({"name": "t"}), deps)
+    annotations = kube.secrets[(NS, "t")]["metadata"]["annotations"]
+    for key in (c.ANN_CREATION_POLICY, c.ANN_DELETION_POLICY, c.ANN_WRITER_SELECTOR):
+        del annotations[key]  # as an older version wrote it
+    resumed = _cred({"name": "t"})
+    resumed.status = dict(kube.statuses[(NS, "cred")])
+    resumed = type(resumed).from_body({"metadata": {"namespace": NS, "name": "cred", "uid": "u", "generation": 1},
+                                       "spec": resumed.spec, "status": resumed.status})
+    clock.advance(60)
+    run_pass(resumed, deps)
+    assert deps.tokens.count == 1  # type: ignore[attr-defined]  # no new token: only the marks were written
+    assert _recorded(kube, "t")[c.ANN_WRITER_SELECTOR] == SEL
+
+
+def test_unmerge_without_the_spec_removes_the_recorded_template_keys() -> None:
+    from autotek_operator.target import unmerge_patch
+
+    secret = {"metadata": {"resourceVersion": "7", "annotations": {c.ANN_TEMPLATE_KEYS: "a.env,b.env"}},
+              "data": {"a.env": "x", "b.env": "y", "access_token": "t", "theirs": "z"}}
+    patch = unmerge_patch(secret)
+    assert patch["data"] == {"a.env": None, "access_token": None, "b.env": None}
+    assert patch["metadata"]["resourceVersion"] == "7"
+    assert set(patch["metadata"]["annotations"]) >= {c.ANN_CREDENTIAL, c.ANN_WRITER_SELECTOR, c.ANN_TEMPLATE_KEYS}
+    assert patch["metadata"]["labels"] == {c.LABEL_MANAGED_BY: None}
