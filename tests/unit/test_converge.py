@@ -242,7 +242,8 @@ def _recorded(kube: FakeKube, name: str) -> dict[str, str]:
         ({"name": "t"}, {c.ANN_CREATION_POLICY: "Owner", c.ANN_DELETION_POLICY: "Delete", c.ANN_WRITER_SELECTOR: SEL}),
         ({"name": "t", "deletionPolicy": "Retain"},
          {c.ANN_CREATION_POLICY: "Owner", c.ANN_DELETION_POLICY: "Retain", c.ANN_WRITER_SELECTOR: SEL}),
-        ({"name": "t", "creationPolicy": "Merge", "template": {"data": {"b.env": "x", "a.env": "y", "access_token": "z"}}},
+        ({"name": "t", "creationPolicy": "Merge",
+          "template": {"data": {"b.env": "x", "a.env": "y", "access_token": "z"}}},
          {c.ANN_CREATION_POLICY: "Merge", c.ANN_DELETION_POLICY: "Delete", c.ANN_WRITER_SELECTOR: SEL,
           c.ANN_TEMPLATE_KEYS: "a.env,b.env"}),
         ({"name": "t", "creationPolicy": "Merge"},
@@ -269,7 +270,7 @@ def test_a_secret_written_before_the_marks_were_recorded_gets_them_on_its_next_p
     from autotek_operator.reconcile import run_pass
 
     clock, kube, deps = _world()
-    st = run_pass(_cred({"name": "t"}), deps)
+    run_pass(_cred({"name": "t"}), deps)
     annotations = kube.secrets[(NS, "t")]["metadata"]["annotations"]
     for key in (c.ANN_CREATION_POLICY, c.ANN_DELETION_POLICY, c.ANN_WRITER_SELECTOR):
         del annotations[key]  # as an older version wrote it
