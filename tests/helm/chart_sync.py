@@ -65,7 +65,10 @@ def render(source: Path) -> str:
         raise ValueError(f"{source}: expected exactly one CustomResourceDefinition per file")
     lines = text.splitlines()
     # The top-level metadata block: from `metadata:` to the next line at column 0 that is not a comment.
-    start = lines.index("metadata:")
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"metadata:\s*(#.*)?", line)]
+    if len(starts) != 1:
+        raise ValueError(f"{source}: expected one top-level `metadata:` line (block style), found {len(starts)}")
+    start = starts[0]
     end = start + 1
     while end < len(lines) and (not lines[end] or lines[end].startswith((" ", "#"))):
         end += 1
