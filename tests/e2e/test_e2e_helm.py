@@ -12,7 +12,6 @@ Tests run in file order.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +56,9 @@ class Helm:
         return proc.stdout
 
     def release_present(self) -> bool:
-        return any(r.get("name") == RELEASE for r in json.loads(self("list", "-A", "--all", "-o", "json") or "[]"))
+        """Whether the release exists in any state (deployed, failed, pending...)."""
+        proc = helmkit.helm("status", RELEASE, "--namespace", RELEASE_NS, "--kubeconfig", str(self.kubeconfig))
+        return proc.returncode == 0
 
     def uninstall(self) -> None:
         if self.release_present():
@@ -191,7 +192,9 @@ def test_3_no_rbac_denials_and_no_restarts(helm_env: kit.Env) -> None:
 
 
 def test_4_uninstall_keeps_the_crd_and_credentials(helm_env: kit.Env) -> None:
-    """``helm uninstall``: the CRD, the credential and its Secret stay; the operator's objects and pods go."""
+    """``helm uninstall``, as docs/operations.md ("Uninstall with Helm") describes it: the Deployment, Service,
+    ServiceAccount and RBAC go, and the pods with them; the CRD (``helm.sh/resource-policy: keep``), the
+    credential, its Secret and the namespace made for the release stay."""
     k = helm_env.kubectl
     helm: Helm = helm_env.notes["helm"]
     cred = _ready(k)
@@ -213,3 +216,4 @@ def test_4_uninstall_keeps_the_crd_and_credentials(helm_env: kit.Env) -> None:
     kept = k.get("atc", CREDENTIAL, NS)
     assert kept is not None and kept["metadata"]["uid"] == cred["metadata"]["uid"], "the credential is gone"
     assert (k.secret_data(NS, TARGET) or {}).get("access_token"), "the credential's Secret lost its token"
+    assert k.get("namespace", RELEASE_NS) is not None, "helm uninstall deleted the release namespace"
