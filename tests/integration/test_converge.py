@@ -446,3 +446,24 @@ def test_an_owed_restart_survives_a_leader_failover(cluster: Cluster, broker: Br
         for op in replicas.values():
             op.stop()
         cluster.delete_namespace(ns)
+
+
+def test_zz_no_secret_or_token_in_these_operators_logs_events_or_status(cluster: Cluster, broker: Broker,
+                                                                          workdir: Path) -> None:
+    """The session's scan covers the operators of this file only when its worker also ran the session
+    operator: scan them here (DEBUG logs, and the Events and statuses of this file's namespaces, with the
+    new deferral Events and status.pendingRestarts)."""
+    import base64
+
+    from harness import SENSITIVE
+
+    needles = set(SENSITIVE) | set(broker.stats()["tokens"])
+    needles |= {base64.b64encode(n.encode()).decode() for n in list(needles)}
+    haystacks = {str(p.relative_to(workdir)): p.read_text(errors="replace")
+                 for p in workdir.glob("converge-*/**/operator-*.log")}
+    assert haystacks and all("DEBUG" in text for text in haystacks.values()), sorted(haystacks)
+    haystacks.update({k: v for k, v in cluster.leak_haystacks().items()
+                      if any(f" {p}-" in k for p in ("conv", "conv410", "owed", "owedha"))})
+    assert any(k.startswith("events and status") for k in haystacks), "no namespace of this file was scanned"
+    found = sorted(f"{where}: {n[:6]}…" for where, text in haystacks.items() for n in needles if n and n in text)
+    assert not found, found
