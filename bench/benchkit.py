@@ -587,6 +587,84 @@ def client_id_for(ns: str, i: int) -> str:
     return f"{ns}-{i:05d}"
 
 
+#: Per-call counters of the operator's own requests on our control plane: one APF FlowSchema per
+#: (verb, resource) of interest, all matching only the operator's ServiceAccount and all sending it to
+#: the same priority level as before ("workload-low", where "service-accounts" sends it), so that APF's
+#: per-FlowSchema ``dispatched`` counter counts exactly that identity's requests by call and nothing
+#: about how they are served changes. (label, verb, API group, resource); the last one catches the rest.
+COUNTED_CALLS = (
+    ("GET secrets", "get", "", "secrets"),
+    ("POST secrets", "create", "", "secrets"),
+    ("PATCH secrets", "patch", "", "secrets"),
+    ("PUT secrets", "update", "", "secrets"),
+    ("DELETE secrets", "delete", "", "secrets"),
+    ("LIST secrets", "list", "", "secrets"),
+    ("WATCH secrets", "watch", "", "secrets"),
+    ("PATCH autotekcredentials/status", "patch", GROUP, "autotekcredentials/status"),
+    ("GET autotekcredentials", "get", GROUP, "autotekcredentials"),
+    ("LIST autotekcredentials", "list", GROUP, "autotekcredentials"),
+    ("WATCH autotekcredentials", "watch", GROUP, "autotekcredentials"),
+    ("POST events", "create", "*", "events"),
+    ("* leases", "*", "coordination.k8s.io", "leases"),
+    ("other", "*", "*", "*"),
+)
+OPERATOR_SA = ("autotek-system", "autotek-operator")
+
+
+def flow_schema_name(i: int) -> str:
+    return f"bench-operator-{i:02d}"
+
+
+def counted_flow_schemas() -> list[dict[str, Any]]:
+    ns, sa = OPERATOR_SA
+    out = []
+    for i, (_, verb, group, resource) in enumerate(COUNTED_CALLS):
+        rule: dict[str, Any] = {
+            "subjects": [{"kind": "ServiceAccount", "serviceAccount": {"name": sa, "namespace": ns}}],
+            "resourceRules": [
+                {
+                    "verbs": [verb],
+                    "apiGroups": [group],
+                    "resources": [resource],
+                    "namespaces": ["*"],
+                    "clusterScope": True,
+                }
+            ],
+        }
+        if resource == "*":
+            rule["nonResourceRules"] = [{"verbs": ["*"], "nonResourceURLs": ["*"]}]
+        out.append(
+            {
+                "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+                "kind": "FlowSchema",
+                "metadata": {"name": flow_schema_name(i)},
+                "spec": {
+                    "priorityLevelConfiguration": {"name": "workload-low"},
+                    "matchingPrecedence": 1000 + i,
+                    "distinguisherMethod": {"type": "ByUser"},
+                    "rules": [rule],
+                },
+            }
+        )
+    return out
+
+
+def operator_counts(text: str) -> dict[str, int]:
+    """The operator ServiceAccount's requests by call, from the counting FlowSchemas' APF counters."""
+    names = {f'flow_schema="{flow_schema_name(i)}"': label for i, (label, *_) in enumerate(COUNTED_CALLS)}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.startswith(
+            ("apiserver_flowcontrol_dispatched_requests_total{", "apiserver_flowcontrol_rejected_requests_total{")
+        ):
+            continue
+        for needle, label in names.items():
+            if needle in line:
+                key = label if "dispatched" in line[:40] else f"{label} rejected"
+                out[key] = out.get(key, 0) + int(float(line.rpartition(" ")[2]))
+    return out
+
+
 class Cluster:
     """The API server: the cluster of AUTOTEK_BENCH_KUBECONFIG, else a real control plane of its own
     (``tests/controlplane.py``: etcd with its data on disk, kube-apiserver, kube-controller-manager)
@@ -675,14 +753,25 @@ class Cluster:
 
             # rbac.py would take a TokenRequest from a test session's plane if this named one.
             os.environ.pop("AUTOTEK_TEST_CONTROLPLANE", None)
-            self._rbac = rbac.Rbac(self.kubeconfig, self.api, "bench", self.workdir, namespace="autotek-system")
+            self._rbac = rbac.Rbac(self.kubeconfig, self.api, "bench", self.workdir, namespace=OPERATOR_SA[0])
             role = rbac.one(self._rbac.rendered(), "ClusterRole", "autotek-operator")
-            identity = self._rbac.service_account("autotek-operator", shared_cluster_roles=[rbac.bare(role)])
+            identity = self._rbac.service_account(OPERATOR_SA[1], shared_cluster_roles=[rbac.bare(role)])
             self._operator_kubeconfig = identity.kubeconfig
+            assert self.target is not None
+            kube = self.target.connect()
+            try:
+                for fs in counted_flow_schemas():
+                    status, data = kube.call(
+                        "POST", "/apis/flowcontrol.apiserver.k8s.io/v1/flowschemas", json.dumps(fs).encode()
+                    )
+                    if status not in (201, 409):
+                        raise RuntimeError(f"creating FlowSchema {fs['metadata']['name']}: {status} {data[:200]!r}")
+            finally:
+                kube.close()
         return self._operator_kubeconfig
 
     def operator_user(self) -> str:
-        return "system:serviceaccount:autotek-system:autotek-operator" if self.plane is not None else "admin"
+        return f"system:serviceaccount:{OPERATOR_SA[0]}:{OPERATOR_SA[1]}" if self.plane is not None else "admin"
 
     @property
     def pid(self) -> int | None:
@@ -852,19 +941,16 @@ class Cluster:
         return data.decode(errors="replace") if status == 200 else None
 
     def request_counts(self) -> dict[str, int] | None:
-        """Requests by "VERB resource[/subresource]": the emulator's counters, or on a real API server
-        its ``apiserver_request_total`` (every client's requests, the bench's own included)."""
+        """Requests by "VERB resource[/subresource]": the emulator's counters; on our control plane the
+        operator ServiceAccount's own requests (APF counters of COUNTED_CALLS' FlowSchemas: exact, and
+        nobody else's); on another cluster ``apiserver_request_total`` (every client's requests)."""
         if not self.emulated:
             text = self.metrics_text()
             if text is None:
                 return None
-            out = parse_request_totals(text)
-            # Every request of a ServiceAccount outside kube-system (the operator's, the lean loop's, and no
-            # one else's here) goes through APF's FlowSchema "service-accounts": their exact total.
-            apf = parse_flowcontrol(text, "service-accounts")
-            out["APF:service-accounts dispatched"] = apf["dispatched"]
-            out["APF:service-accounts rejected"] = apf["rejected"]
-            return out
+            if self._operator_kubeconfig is not None and self.plane is not None:
+                return operator_counts(text)
+            return parse_request_totals(text)
         return http_json("GET", self.url + "/_emulator/stats")["requests"]  # type: ignore[no-any-return]
 
     def reset_request_counts(self) -> None:

@@ -123,18 +123,20 @@ def by_call(raw_path: Path) -> dict[str, Any]:
             m = _FRAME.match(frame.strip())
             if m is not None:
                 frames.append((m["func"].rsplit(".", 1)[-1], m["file"]))
-        if any(f == "run_pass" and "reconcile.py" in p for f, p in frames):
+        ours = [(f, p) for f, p in frames if "autotek_operator" in p]
+        if any(f == "run_pass" and "reconcile.py" in p for f, p in ours):
             workers += count
             label = "the pass's own code (parse, status, target data, scheduling)"
-            for func, path in reversed(frames):
-                hit = next((lbl for lbl, frag, funcs in CALLS if frag in path and (not funcs or func in funcs)), None)
-                if hit is not None and "autotek_operator" in path:
-                    label = hit
+            for lbl, frag, funcs in CALLS:  # the most specific call on the stack wins
+                if any(frag in p and (not funcs or f in funcs) for f, p in ours):
+                    label = lbl
                     break
             counts["worker: " + label] += count
-        elif any("watch.py" in p and "autotek_operator" in p for _, p in frames):
+        elif any("importlib" in p for _, p in frames):
+            counts["start-up (imports)"] += count
+        elif any(p.endswith("autotek_operator/watch.py") for _, p in frames):
             counts["watch threads (list, watch streams, parsing)"] += count
-        elif any("/kopf/" in p or "/asyncio/" in p or "runtime.py" in p for _, p in frames):
+        elif any(x in "/" + p for _, p in frames for x in ("/kopf/", "/asyncio/", "/runtime.py")):
             counts["event loop (runtime, kopf, asyncio)"] += count
         else:
             counts["other"] += count
