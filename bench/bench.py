@@ -1,10 +1,25 @@
 """Scale and speed benchmark of the real operator process (``make bench``; ``--help`` for options).
 
-For each N it runs, each against a fresh API server (the emulator started as its own process, or
-the cluster named by ``AUTOTEK_BENCH_KUBECONFIG`` with throwaway namespaces) and a fresh token
-endpoint double (its own process, one client per credential):
+The API server is, in this order: the cluster named by ``AUTOTEK_BENCH_KUBECONFIG`` (throwaway
+namespaces); a real control plane of its own, started with the tests' module ``tests/controlplane.py``
+(etcd with its data on disk, kube-apiserver, kube-controller-manager), whenever the Kubernetes binaries
+are in ``$KUBEBUILDER_ASSETS`` or ``.cache/envtest`` (``make envtest``); else the emulator, as its own
+process. Each phase group below gets a fresh one, and a fresh token endpoint double (its own process,
+one client per credential). On a control plane the operator and the lean loop authenticate as a
+ServiceAccount bound to the ClusterRole of manifests/, and the operator's requests are counted by call
+by the API server (APF counters of FlowSchemas that match only that ServiceAccount); the CPU of
+kube-apiserver and etcd is read from /proc in every phase, as the operator's is.
 
-bare      the bare loop: the first-issue work for N credentials done directly (bench/bareloop.py)
+For each N:
+
+bare      the old bare loop: the first-issue work for N credentials with the kubernetes client and
+          an Event (bench/bareloop.py), the baseline of the "ready" ratio
+backlog   N credentials and their client Secrets exist, then the operator starts: time from the
+          process's start until all N are Ready; CPU per credential, peak RSS, token requests,
+          API requests per credential by call, API server and etcd CPU
+lean      the lean loop (bench/leanloop.py): the minimum calls per credential with the cheapest client,
+          at several concurrencies, each from the same start state as the backlog phase, on the same
+          server; the headline ratio is the backlog's throughput / the best lean loop's
 ready     N credentials created together -> all Ready=True, with the operator running; its CPU
           and peak RSS; token requests per credential at issue
 rotation  the first refresh of all N (short lifetime): CPU per refresh, API requests per refresh,
@@ -14,9 +29,9 @@ restart   SIGTERM, a new operator: token requests it makes, time until every cre
 dedup     N credentials of ONE client (one client Secret): token requests per credential at issue
 bad       N new credentials against a token endpoint answering 503: request rate, concurrency,
           operator RSS and threads
-profile   (largest N only) a separate ready phase with py-spy attached (--gil: samples whichever
-          thread holds the GIL, i.e. where the Python CPU goes), then a memory census of the
-          operator's structures (bench/opwrapper.py; tracemalloc too with --tracemalloc)
+profile   (largest N only) the backlog phase again with py-spy attached (--gil: samples whichever
+          thread holds the GIL, i.e. where the Python CPU goes), broken down by call, then a memory
+          census of the operator's structures (bench/opwrapper.py; tracemalloc too with --tracemalloc)
 
 Results go to a table on stdout and to JSON (``--out``).
 """
