@@ -7,7 +7,7 @@ the module is skipped.
 
 There is no kubelet, so the chart's Deployment never runs a pod (``helm install`` does not wait for it).
 Instead each test that needs the operator runs the real operator process here, with the environment of
-the Deployment that Helm created (ports and log level aside), authenticated with a TokenRequest token
+the Deployment that Helm created (ports, log level and watch timeout aside), authenticated with a TokenRequest token
 of the chart's ServiceAccount: the API server then allows it exactly what the chart's RBAC grants. The
 token endpoint is the broker double on loopback (``autotek_operator.dev.broker``), as in the
 integration tier.
@@ -62,8 +62,6 @@ CRD_NAME = "autotekcredentials.autotek.io"
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
 #: The optional spec field the upgraded chart's CRD adds (absent from the chart's own CRD).
 NEW_FIELD = "helmUpgradeNote"
-#: Namespaces a test may create (besides the release's); all of them are deleted by the test.
-APP_NAMESPACES = ("helm-app", "helm-a", "helm-b", "helm-c")
 #: Namespaces a fresh control plane has.
 SYSTEM_NAMESPACES = {"default", "kube-system", "kube-public", "kube-node-lease"}
 #: Kinds whose objects a refused install must leave exactly as they were (name and resourceVersion).
