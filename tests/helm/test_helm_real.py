@@ -548,7 +548,7 @@ def test_4_upgrade_applies_a_changed_crd(env: Env) -> None:
     field is stored and read back, and the credential made before the upgrade is still there."""
     app = "helm-app"
     upgraded = chart_with_new_crd_field(env.workdir)
-    crds = [d for d in rendered(upgraded) if d["kind"] == "CustomResourceDefinition"]
+    crds = [d for d in rendered(upgraded, "--include-crds") if d["kind"] == "CustomResourceDefinition"]
     assert any(NEW_FIELD in json.dumps(d) for d in crds), "the edited chart does not render the new field"
     patch = json.dumps({"spec": {NEW_FIELD: "kept"}})
     with release(env, {}, namespaces=[app]):
