@@ -78,7 +78,7 @@ chart-sync: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/autotek-operator demo
 
-e2e: $(STAMP)
+e2e: helm $(STAMP)
 	$(BIN)/pytest -q tests/e2e --with-e2e
 
 # The same suite on a one-node cluster run here: the control plane from $(ENVTEST_DIR), containerd,
