@@ -50,6 +50,8 @@ What a run does
    the only allowed token URL) and removing it at its end: ``test_e2e.py`` (``manifests/``:
    rotation, pods reading the token, leader hand-over, deletion policies, logs, and the uninstall
    that docs/operations.md describes), ``test_e2e_namespaced.py``, ``test_e2e_rollout_restart.py``;
+   and ``test_e2e_helm.py``, which installs the chart (``charts/autotek-operator``) with ``helm install``
+   instead (Helm from ``make helm``) and ends with ``helm uninstall``;
 5. deletes the cluster it created (kind) or stops the node (local).
 
 A failing test's report ends with a section "e2e diagnostics": kubectl get/describe of the
