@@ -254,7 +254,7 @@ class Runtime:
     def converge_scope(self, namespace: str | None) -> None:
         """Compare the Secrets with the operator's marks in ``namespace`` (None: all) with the live
         credentials, and clean up after those that are gone (confirmed by a read, on a worker)."""
-        if not self.active or self._wake is None:
+        if not self.active or not self.running():
             return  # the leader converges; a new leader does when it takes over
         wanted = {key: frozenset((key[0],)) for key in self.states}
         todo = []
