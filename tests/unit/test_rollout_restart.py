@@ -271,3 +271,30 @@ def test_next_due_is_the_refresh_or_the_earliest_owed_restart(next_refresh: floa
                                                                  expected: float | None) -> None:
     debts = tuple(OwedRestart("Deployment", f"w{i}", _T, _T + timedelta(seconds=s)) for i, s in enumerate(owed))
     assert next_due(_at(next_refresh), debts) == _at(expected)
+
+
+async def test_the_runtime_schedules_the_next_pass_at_the_owed_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The credential's next pass is min(nextRefreshTime, earliest dueAt), not the refresh alone."""
+    from fakes import real_now, running_runtime, settle
+
+    from autotek_operator import scheduling
+
+    monkeypatch.setattr(scheduling, "FLOOR_SECONDS", 0.2)
+    async with running_runtime(NS) as (runtime, kube, _):
+        runtime.deps.rollout_restart = True
+        recent = format_time(real_now())
+        kube.workloads = {("Deployment", NS, "web"): {
+            "spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": recent}}}}}}
+        body: dict[str, Any] = {"metadata": {"namespace": NS, "name": "c", "uid": "u", "generation": 1},
+                                "spec": {"clientSecretRef": {"name": "client"},
+                                         "rolloutRestartTargets": [{"kind": "Deployment", "name": "web"}]}}
+        runtime.on_credential_event(None, body)
+        await settle(runtime)
+        body["metadata"]["annotations"] = {"autotek.io/refresh-requested-at": "now"}  # a rotation
+        runtime.on_credential_event("MODIFIED", body)
+        await settle(runtime)
+        st = runtime.states[(NS, "c")]
+        assert [o.name for o in st.pending_restarts] == ["web"]
+        due = runtime.due_at((NS, "c"))
+        assert st.next_refresh is not None and due is not None and due < st.next_refresh
+        assert due == st.pending_restarts[0].due_at
