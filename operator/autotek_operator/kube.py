@@ -63,7 +63,8 @@ def api_call(
                 if exc.status == 409:
                     raise Conflict(f"{verb} {'/'.join(resources)}: conflict") from None
                 raise KubernetesAPIError(
-                    f"Kubernetes API {verb} {'/'.join(resources)} failed: HTTP {exc.status} {exc.reason or ''}".strip()
+                    f"Kubernetes API {verb} {'/'.join(resources)} failed: HTTP {exc.status} {exc.reason or ''}".strip(),
+                    retry_after=_retry_after(exc),
                 ) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise KubernetesAPIError(
@@ -73,6 +74,19 @@ def api_call(
         return inner
 
     return wrap
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    """The seconds a 429 or 503 answer asks the client to wait (``Retry-After`` in seconds, as the API
+    server sends it, e.g. when API Priority and Fairness rejects a request), else None."""
+    if exc.status not in (429, 503):
+        return None
+    value = (exc.headers or {}).get("Retry-After")
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds > 0 else None
 
 
 def load_api_client(pool_size: int = 16) -> ApiClient:
