@@ -191,6 +191,14 @@ def test_3_no_rbac_denials_and_no_restarts(helm_env: kit.Env) -> None:
     kit.assert_no_denials_and_no_restarts(helm_env.kubectl)
 
 
+def test_3b_helm_test_passes(helm_env: kit.Env) -> None:
+    """``helm test``: the chart's test Pod finds the CRD served and the operator ready through its Service."""
+    helm: Helm = helm_env.notes["helm"]
+    out = helm("test", RELEASE, "--namespace", RELEASE_NS, "--timeout", "120s", "--logs", timeout=180)
+    assert re.search(r"Phase:\s+Succeeded", out), out
+    assert "operator ready:" in out, out
+
+
 def test_4_uninstall_keeps_the_crd_and_credentials(helm_env: kit.Env) -> None:
     """``helm uninstall``, as docs/operations.md ("Uninstall with Helm") describes it: the Deployment, Service,
     ServiceAccount and RBAC go, and the pods with them; the CRD (``helm.sh/resource-policy: keep``), the
