@@ -142,6 +142,8 @@ class Cluster:
         #: The namespaces this worker created, and what the leak scan needs of those already deleted.
         self.namespaces: list[str] = []
         self.archive: dict[str, str] = {}
+        #: Further text for the leak scan, by where it came from (e.g. cluster-scoped objects' statuses).
+        self.extra_haystacks: dict[str, str] = {}
         given = os.environ.get("AUTOTEK_TEST_KUBECONFIG")
         if given:
             self.kubeconfig = Path(given)
@@ -224,6 +226,7 @@ class Cluster:
     def leak_haystacks(self) -> dict[str, str]:
         """The Events and credential statuses of every namespace this worker made (deleted ones as they were)."""
         out = {f"events and status in {ns}": text for ns, text in self.archive.items()}
+        out.update(self.extra_haystacks)
         for ns in self.namespaces:
             if ns not in self.archive:
                 out[f"events and status in {ns}"] = self._leak_text(ns)
