@@ -1,4 +1,4 @@
-"""Check resources against the AutoTekCredential CRD the way a Kubernetes API server would.
+"""Check resources against the autotek.io CRDs the way a Kubernetes API server would.
 
 Without a cluster, this module emulates what kube-apiserver does with a custom resource on create:
 
@@ -34,6 +34,7 @@ from celpy import celtypes
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "autotekcredentials.autotek.io.yaml"
+CLUSTER_CRD_PATH = REPO / "crds" / "clusterautotekcredentials.autotek.io.yaml"
 EXAMPLES_DIR = REPO / "examples"
 
 _K8S_TYPES: dict[str, tuple[type, ...]] = {

@@ -120,7 +120,10 @@ def cluster(kubectl: str) -> Iterator[Cluster]:
         pytest.skip("no real API server: set KUBEBUILDER_ASSETS (or AUTOTEK_TEST_KUBECONFIG) to run the "
                     "manifests and examples through kube-apiserver's admission")
     c = Cluster(kubectl, Path(kubeconfig))
-    c.ensure_crd(mc.load_yaml_documents(next(mc.CRDS_DIR.glob("*.yaml")))[0])
+    for path in sorted(mc.CRDS_DIR.glob("*.yaml")):
+        for doc in mc.load_yaml_documents(path):
+            if doc.get("kind") == "CustomResourceDefinition":
+                c.ensure_crd(doc)
     for plural, kind in MONITORING_KINDS:
         c.ensure_crd(monitoring_crd(plural, kind))
     yield c
