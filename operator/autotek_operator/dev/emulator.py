@@ -67,6 +67,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "apps/v1/daemonsets": ("DaemonSet", True, ("status",)),
     "coordination.k8s.io/v1/leases": ("Lease", True, ()),
     "autotek.io/v1alpha1/autotekcredentials": ("AutoTekCredential", True, ("status",)),
+    "autotek.io/v1alpha1/clusterautotekcredentials": ("ClusterAutoTekCredential", False, ("status",)),
     "kopf.dev/v1/kopfpeerings": ("KopfPeering", True, ()),
     "kopf.dev/v1/clusterkopfpeerings": ("ClusterKopfPeering", False, ()),
 }
@@ -223,6 +224,8 @@ class Emulator(kmock.KubernetesEmulator):
             )
         self.resources["autotek.io/v1alpha1/autotekcredentials"].shortnames = {"atc"}
         self.resources["autotek.io/v1alpha1/autotekcredentials"].categories = {"autotek"}
+        self.resources["autotek.io/v1alpha1/clusterautotekcredentials"].shortnames = {"catc"}
+        self.resources["autotek.io/v1alpha1/clusterautotekcredentials"].categories = {"autotek"}
         for namespace in ("default", "kube-system"):
             self._create(NAMESPACES, None, {"metadata": {"name": namespace}})
 
