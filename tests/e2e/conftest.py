@@ -372,7 +372,8 @@ def tls(e2e_workdir: Path) -> kit.TestCA:
 @pytest.fixture(scope="session")
 def clients() -> dict[str, str]:
     """Client id -> client secret, generated per run, known to the broker and held in the client Secrets."""
-    return {kit.CLIENT_ID: f"cs-{secrets.token_urlsafe(24)}", kit.RETAIN_CLIENT_ID: f"cs-{secrets.token_urlsafe(24)}"}
+    return {client_id: f"cs-{secrets.token_urlsafe(24)}"
+            for client_id in (kit.CLIENT_ID, kit.RETAIN_CLIENT_ID, kit.CLUSTER_CLIENT_ID)}
 
 
 @pytest.fixture(scope="session")

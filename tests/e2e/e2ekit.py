@@ -68,6 +68,9 @@ OPERATOR_NS = "autotek-system"
 OPERATOR_DEPLOY = "autotek-operator"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=autotek-operator"
 CRD_NAME = "autotekcredentials.autotek.io"
+CLUSTER_CRD_NAME = "clusterautotekcredentials.autotek.io"
+#: Every CRD the manifests install (an uninstall removes them all; Helm keeps them all).
+CRD_NAMES = (CRD_NAME, CLUSTER_CRD_NAME)
 
 NS = "autotek-e2e"
 BROKER = "autotek-broker"
@@ -87,6 +90,10 @@ CLIENT_SECRET_NAME = "autotek-client"
 RETAIN_CREDENTIAL = "autotek-retain"
 RETAIN_TARGET = "autotek-retain-token"
 RETAIN_CLIENT_SECRET_NAME = "autotek-retain-client"
+#: The client of the ClusterAutoTekCredentials; its Secret lives in the operator's namespace (the only
+#: namespace a cluster credential may read it from by default).
+CLUSTER_CLIENT_ID = "e2e-cluster"
+CLUSTER_CLIENT_SECRET_NAME = "autotek-cluster-client"
 READER_POD = "autotek-reader"
 MOUNT_PATH = "/var/run/autotek"
 
@@ -610,12 +617,28 @@ def credential_objects(clients: dict[str, str], ca_pem: str) -> list[dict[str, A
     ]
 
 
-def reader_pod_object() -> dict[str, Any]:
+def cluster_credential_object(name: str, target: dict[str, Any], ca_pem: str, **selection: Any) -> dict[str, Any]:
+    """A ClusterAutoTekCredential for the in-cluster broker; ``selection``: namespaceSelector and/or namespaces."""
+    return {
+        "apiVersion": "autotek.io/v1alpha1",
+        "kind": "ClusterAutoTekCredential",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "autotek-e2e"}},
+        "spec": {
+            "clientSecretRef": {"namespace": OPERATOR_NS, "name": CLUSTER_CLIENT_SECRET_NAME},
+            "tokenURL": TOKEN_URL,
+            "caBundle": ca_pem,
+            "target": target,
+            **selection,
+        },
+    }
+
+
+def reader_pod_object(ns: str = NS, secret: str = TARGET) -> dict[str, Any]:
     """A pod that mounts the target Secret as a volume, as an application would, and idles."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": READER_POD, "namespace": NS, "labels": {"app.kubernetes.io/part-of": "autotek-e2e"}},
+        "metadata": {"name": READER_POD, "namespace": ns, "labels": {"app.kubernetes.io/part-of": "autotek-e2e"}},
         "spec": {
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": 1,
@@ -632,7 +655,7 @@ def reader_pod_object() -> dict[str, Any]:
                     "securityContext": container_security_context(),
                 }
             ],
-            "volumes": [{"name": "token", "secret": {"secretName": TARGET, "defaultMode": 0o440}}],
+            "volumes": [{"name": "token", "secret": {"secretName": secret, "defaultMode": 0o440}}],
         },
     }
 

@@ -2,8 +2,9 @@
 
 The tests run in file order and share one cluster, one operator (two replicas, leader election),
 one in-cluster token endpoint over TLS (30-second tokens, so a rotation about every 20 seconds) and
-two credentials; later tests rely on what earlier ones did (test 6 deletes the credentials, test 8
-uninstalls the operator the way docs/operations.md says). Every wait is bounded.
+two credentials (test 5c adds a ClusterAutoTekCredential that selects two namespaces); later tests rely on
+what earlier ones did (test 6 deletes the credentials, test 8 uninstalls the operator the way
+docs/operations.md says, the cluster credentials included). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -380,6 +381,69 @@ def test_5b_deleting_the_leader_hands_over_without_a_token_request(e2e: Env) -> 
     assert not burst, f"token requests for {CLIENT_ID} closer than {MIN_SPACING:.0f}s after the hand-over: {burst}"
 
 
+# -- 5c ----------------------------------------------------------------------------------------
+
+CLUSTER_CREDENTIAL = "autotek-cluster"
+CLUSTER_NAMESPACES = ("autotek-e2e-c1", "autotek-e2e-c2")
+CLUSTER_SELECTION = {"autotek.io/e2e-token": "true"}
+
+
+def test_5c_cluster_credential_pods_in_two_namespaces_read_one_token_then_the_rotated_one(e2e: Env) -> None:
+    """A ClusterAutoTekCredential selecting two namespaces by label: a pod in each reads the same token from
+    its volume, then the same rotated one; one token request for each (the refresh annotation asks for the
+    second; 600-second tokens keep the schedule out of the way)."""
+    k = e2e.kubectl
+    k("wait", "--for=condition=Established", f"crd/{kit.CLUSTER_CRD_NAME}", "--timeout=60s", timeout=90)
+    # What an earlier run left goes first.
+    k("delete", "namespace", *CLUSTER_NAMESPACES, "--ignore-not-found", "--wait=true", "--timeout=120s", timeout=150)
+    e2e.broker.control(lifetime=LONG_LIFETIME)
+    try:
+        namespaces = []
+        for ns in CLUSTER_NAMESPACES:
+            doc = kit.hardened_namespace(ns)
+            doc["metadata"]["labels"].update(CLUSTER_SELECTION)
+            namespaces.append(doc)
+        k.apply([
+            *namespaces,
+            kit.client_secret_object(kit.OPERATOR_NS, kit.CLUSTER_CLIENT_SECRET_NAME, kit.CLUSTER_CLIENT_ID,
+                                     e2e.clients),
+            kit.cluster_credential_object(CLUSTER_CREDENTIAL, {"name": TARGET}, e2e.tls.ca_pem,
+                                          namespaceSelector={"matchLabels": CLUSTER_SELECTION}),
+        ])
+        k("wait", "--for=condition=Ready", f"catc/{CLUSTER_CREDENTIAL}", "--timeout=120s", timeout=150)
+        k.apply([kit.reader_pod_object(ns, TARGET) for ns in CLUSTER_NAMESPACES])
+        for ns in CLUSTER_NAMESPACES:
+            k("wait", "--for=condition=Ready", f"pod/{kit.READER_POD}", "-n", ns, "--timeout=120s", timeout=150)
+
+        def secrets() -> list[str | None]:
+            return [(k.secret_data(ns, TARGET) or {}).get("access_token") for ns in CLUSTER_NAMESPACES]
+
+        def files() -> list[str]:
+            return [k.exec_cat(ns, kit.READER_POD, f"{MOUNT_PATH}/access_token") for ns in CLUSTER_NAMESPACES]
+
+        first = secrets()[0]
+        assert first and secrets() == [first, first], "two namespaces, two tokens"
+        wait_for("both pods to read the one token", lambda: files() == [first, first], timeout=60, interval=2)
+        assert first in e2e.broker.stats()["tokens"]
+        assert e2e.count(kit.CLUSTER_CLIENT_ID) == 1, "more than one token request for two namespaces"
+        _, rows = _table(k.text("get", "catc"))
+        assert rows[CLUSTER_CREDENTIAL]["READY"] == "True" and rows[CLUSTER_CREDENTIAL]["NAMESPACES"] == "2/2", rows
+
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        k("annotate", "catc", CLUSTER_CREDENTIAL, f"autotek.io/refresh-requested-at={stamp}", "--overwrite")
+        second = wait_for("the rotated token in both Secrets", lambda: (t := secrets())[0] not in (None, first)
+                          and t == [t[0], t[0]] and t[0], timeout=60, interval=1)
+        # The kubelet refreshes Secret volumes on its own schedule (about a minute); nothing rotates meanwhile.
+        wait_for("both pods to read the rotated token", lambda: files() == [second, second], timeout=240, interval=2)
+        assert e2e.count(kit.CLUSTER_CLIENT_ID) == 2, "the rotation made more than one token request"
+        for ns in CLUSTER_NAMESPACES:
+            assert kit.restart_counts(k.get("pod", kit.READER_POD, ns) or {}) == {"app": 0}
+    finally:
+        e2e.broker.control(lifetime=kit.BROKER_LIFETIME)
+        for ns in CLUSTER_NAMESPACES:
+            k("delete", "pod", kit.READER_POD, "-n", ns, "--ignore-not-found", "--wait=false", check=False)
+
+
 # -- 6 -----------------------------------------------------------------------------------------
 
 
@@ -447,6 +511,11 @@ UNINSTALL = {
     "u-merge-kept": ("Merge", "Retain"),
 }
 TOKEN_KEYS = {"access_token", "token_type", "authorization", "expires_at"}
+UNINSTALL_CLUSTER = {
+    # ClusterAutoTekCredential (selecting NS): deletionPolicy
+    "u-cluster": "Delete",
+    "u-cluster-kept": "Retain",
+}
 
 
 def test_8_uninstall_as_the_docs_say(e2e: Env) -> None:
@@ -477,9 +546,16 @@ def test_8_uninstall_as_the_docs_say(e2e: Env) -> None:
                 }
             )
         objects.append(kit.credential_object(NS, name, kit.CLIENT_SECRET_NAME, target, e2e.tls.ca_pem))
+    objects.append(kit.client_secret_object(kit.OPERATOR_NS, kit.CLUSTER_CLIENT_SECRET_NAME, kit.CLUSTER_CLIENT_ID,
+                                            e2e.clients))
+    for name, deletion in UNINSTALL_CLUSTER.items():
+        objects.append(kit.cluster_credential_object(name, {"name": f"{name}-token", "deletionPolicy": deletion},
+                                                     e2e.tls.ca_pem, namespaces=[NS]))
     k.apply(objects)
     for name in UNINSTALL:
         e2e.wait_ready(name)
+    for name in UNINSTALL_CLUSTER:
+        k("wait", "--for=condition=Ready", f"catc/{name}", "--timeout=120s", timeout=150)
     for name in ("u-merge", "u-merge-kept"):
         data = k.secret_data(NS, f"{name}-token") or {}
         assert TOKEN_KEYS <= set(data) and data["app_key"] == "mine", sorted(data)
@@ -503,6 +579,7 @@ def test_8_uninstall_as_the_docs_say(e2e: Env) -> None:
     # 2. Delete the credentials while the operator still runs (the docs' `kubectl delete atc --all -A`,
     #    here for the suite's own namespace).
     k("delete", "atc", "--all", "-n", NS, "--wait=true", "--timeout=120s", timeout=150)
+    k("delete", "catc", "--all", "--wait=true", "--timeout=120s", timeout=150)
 
     # 3. Remove the operator, its RBAC, its namespace and the CRD.
     kit.uninstall(k, kit.OVERLAY)
@@ -531,5 +608,17 @@ def test_8_uninstall_as_the_docs_say(e2e: Env) -> None:
     assert k.get("secret", kit.CLIENT_SECRET_NAME, NS) is not None, "the client Secret is the user's to delete"
     assert k.get("namespace", kit.OPERATOR_NS) is None
     assert k.get("crd", kit.CRD_NAME) is None
+    assert k.get("crd", kit.CLUSTER_CRD_NAME) is None
+
+    # The cluster credentials: Delete took its Secrets (here and in test 5c's namespaces), Retain left its own.
+    for ns in (NS, *CLUSTER_NAMESPACES):
+        secret = "u-cluster-token" if ns == NS else TARGET
+        wait_for(f"Secret {ns}/{secret} (ClusterAutoTekCredential, Delete) to be deleted",
+                 lambda n=ns, s=secret: k.get("secret", s, n) is None, timeout=60, interval=1)
+    cluster_kept = k.get("secret", "u-cluster-kept-token", NS)
+    assert cluster_kept is not None, "the Secret of a ClusterAutoTekCredential with deletionPolicy Retain is gone"
+    assert not cluster_kept["metadata"].get("ownerReferences"), cluster_kept["metadata"]["ownerReferences"]
+    assert (k.secret_data(NS, "u-cluster-kept-token") or {}).get("access_token"), "the retained Secret lost its token"
+    k("delete", "namespace", *CLUSTER_NAMESPACES, "--ignore-not-found", "--wait=false", check=False)
     assert k.get("clusterrole", kit.OPERATOR_DEPLOY) is None
     assert k.get("clusterrolebinding", kit.OPERATOR_DEPLOY) is None

@@ -83,17 +83,18 @@ def _remove_leftovers(kubectl: kit.Kubectl, helm: Helm) -> None:
     helm.uninstall()
     if kit.operator_present(kubectl):
         kit.uninstall(kubectl, kit.OVERLAY)
-    crd = kubectl.get("crd", kit.CRD_NAME)
-    owner = ((crd or {}).get("metadata", {}).get("annotations") or {}).get("meta.helm.sh/release-name")
-    if crd is not None and owner != RELEASE:  # Helm would refuse to adopt it
-        kubectl("delete", "crd", kit.CRD_NAME, "--wait=true", "--timeout=120s", timeout=150)
+    for name in kit.CRD_NAMES:
+        crd = kubectl.get("crd", name)
+        owner = ((crd or {}).get("metadata", {}).get("annotations") or {}).get("meta.helm.sh/release-name")
+        if crd is not None and owner != RELEASE:  # Helm would refuse to adopt it
+            kubectl("delete", "crd", name, "--wait=true", "--timeout=120s", timeout=150)
 
 
 def _cleanup(kubectl: kit.Kubectl, helm: Helm) -> None:
     """Release, namespaces and the kept CRD removed, so that the kustomize scenarios start from nothing."""
     helm.uninstall()
     kubectl("delete", "namespace", NS, RELEASE_NS, "--ignore-not-found", "--wait=true", "--timeout=180s", timeout=210)
-    kubectl("delete", "crd", kit.CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=120s", timeout=150)
+    kubectl("delete", "crd", *kit.CRD_NAMES, "--ignore-not-found", "--wait=true", "--timeout=120s", timeout=150)
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +219,10 @@ def test_4_uninstall_keeps_the_crd_and_credentials(helm_env: kit.Env) -> None:
 
     wait_for("the operator's objects and pods to be deleted", gone, timeout=90, interval=2)
     assert not helm.release_present(), "the release is still listed"
-    crd = k.get("crd", kit.CRD_NAME)
-    assert crd is not None, "helm uninstall deleted the CRD (and with it every credential)"
-    assert (crd["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep"
+    for name in kit.CRD_NAMES:
+        crd = k.get("crd", name)
+        assert crd is not None, f"helm uninstall deleted the CRD {name} (and with it every credential of its kind)"
+        assert (crd["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep", name
     kept = k.get("atc", CREDENTIAL, NS)
     assert kept is not None and kept["metadata"]["uid"] == cred["metadata"]["uid"], "the credential is gone"
     assert (k.secret_data(NS, TARGET) or {}).get("access_token"), "the credential's Secret lost its token"

@@ -128,7 +128,14 @@ class World:
             cond = self.ready(name)
             return cond if cond.get("status") == status and reason in (None, cond.get("reason")) else None
 
-        return wait_for(f"{name} Ready={status} {reason or ''}", check, timeout=timeout)
+        return self._wait(f"{name} Ready={status} {reason or ''}", name, check, timeout)
+
+    def _wait(self, what: str, name: str, check: Callable[[], Doc | None], timeout: float) -> Doc:
+        """``wait_for``, failing with the object's last status (what the lead needs to see)."""
+        try:
+            return wait_for(what, check, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status: {json.dumps(self.status(name))}") from None
 
     def wait_counts(self, name: str, selected: int, provisioned: int, failed: int, timeout: float = 60) -> Doc:
         want = {"selected": selected, "provisioned": provisioned, "failed": failed}
@@ -138,7 +145,7 @@ class World:
             got = st.get("namespaces") or {}
             return st if {k: got.get(k) for k in want} == want else None
 
-        return wait_for(f"{name} status.namespaces {want}", check, timeout=timeout)
+        return self._wait(f"{name} status.namespaces {want}", name, check, timeout)
 
     def events(self, name: str, reason: str | None = None) -> list[Doc]:
         """The Events about ``name`` in the operator's namespace (where cluster objects' Events go)."""
