@@ -7,6 +7,7 @@ everything the whole session produced for every client secret and token it used.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 from harness import SENSITIVE, Broker, Client, Cluster, Operator, wait_for
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_no_secret_or_token_leaks(cluster: Cluster, broker: Broker, operator: Operator, ns: str,
-                                  client: Client) -> None:
+                                  client: Client, workdir: Path) -> None:
     spec = {"clientSecretRef": {"name": "autotek-client"}, "tokenURL": broker.token_url}
     cluster.create_credential(ns, "autotek", spec)
     wait_for("Ready", lambda: (cluster.ready(ns, "autotek") or {}).get("status") == "True")
@@ -33,6 +34,10 @@ def test_no_secret_or_token_leaks(cluster: Cluster, broker: Broker, operator: Op
     needles |= {base64.b64encode(n.encode()).decode() for n in list(needles)}
 
     haystacks = {"operator logs": operator.log_text(all_runs=True), **cluster.leak_haystacks()}
+    # Every other operator this worker ran (e.g. those of test_cluster_credentials.py, whose cluster objects'
+    # Events are in the worker's namespaces and whose statuses are in Cluster.extra_haystacks).
+    haystacks.update({str(p.relative_to(workdir)): p.read_text(errors="replace")
+                      for p in workdir.rglob("operator-*.log")})
     assert any(ns in where for where in haystacks), "the scan did not cover the test's namespace"
     assert len(haystacks["operator logs"]) > 1000 and "DEBUG" in haystacks["operator logs"]
     for where, text in haystacks.items():
