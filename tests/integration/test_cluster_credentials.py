@@ -179,8 +179,11 @@ class World:
     def requests(self, client: Client) -> list[Doc]:
         return self.broker.requests_for(client.client_id)
 
-    def client(self, ns: str | None = None, secret_name: str = "autotek-client") -> Client:
-        return new_client(self.cluster, self.broker, ns or self.ops, secret_name)
+    def client(self, ns: str | None = None, secret_name: str | None = None) -> Client:
+        """A new client at the broker, its Secret in ``ns`` (default: the operator's namespace) under a name of
+        its own (a Secret replaced under an earlier test's credential would get that one a new token)."""
+        name = secret_name or f"client-{uuid.uuid4().hex[:6]}"
+        return new_client(self.cluster, self.broker, ns or self.ops, name)
 
     def spec(self, client: Client, target: str = "autotek-token", *, select: str | None = None,
              namespaces: list[str] | None = None, **target_fields: Any) -> Doc:
@@ -472,7 +475,7 @@ def test_a_foreign_secret_is_never_touched_and_fails_only_its_namespace(world: W
 def test_two_cluster_credentials_on_one_secret_the_older_keeps_it(world: World) -> None:
     w = world
     shared, only_a, only_b = w.namespace("cc-shared"), w.namespace("cc-oa"), w.namespace("cc-ob")
-    client_a, client_b = w.client(secret_name="client-a"), w.client(secret_name="client-b")
+    client_a, client_b = w.client(), w.client()
     older = w.create("older", w.spec(client_a, "same-token", namespaces=[shared, only_a]))
     w.wait_counts(older, 2, 2, 0)
     time.sleep(1.1)  # a later creationTimestamp (second resolution)
@@ -556,8 +559,8 @@ def test_a_client_secret_in_a_namespace_not_allowed_is_never_read(world: World) 
     assert any("/api/v1/" in p for p in paths), "the relay recorded nothing: the check above cannot fail"
 
     # Moved to an allowed namespace: a token within seconds.
-    moved = w.client(w.ops, "moved-client")
-    w.patch(name, {"spec": {"clientSecretRef": {"namespace": w.ops, "name": "moved-client"}}})
+    moved = w.client()
+    w.patch(name, {"spec": {"clientSecretRef": {"namespace": w.ops, "name": moved.secret_name}}})
     w.wait_ready(name, reason="TokenIssued", timeout=30)
     assert w.token(target, "autotek-token") and len(w.requests(moved)) == 1
     assert secret_path not in w.proxy.paths(since)
@@ -568,17 +571,18 @@ def test_a_client_secret_in_a_namespace_not_allowed_is_never_read(world: World) 
 
 def test_deletion_policies_when_labelled_out_and_when_the_credential_is_deleted(world: World) -> None:
     w = world
-    client = w.client()
     cases = {"owner": {}, "merge": {"creationPolicy": "Merge"}, "retain": {"deletionPolicy": "Retain"}}
     nss: dict[str, list[str]] = {}
     names: dict[str, str] = {}
+    clients: dict[str, Client] = {}
     for case, policy in cases.items():
         sel = uuid.uuid4().hex[:8]
         nss[case] = [w.namespace(f"cc-{case}", {SELECT: sel}) for _ in range(3)]
         if case == "merge":
             for ns in nss[case]:
                 put_foreign(w, ns, "autotek-token")
-        names[case] = w.create(case, w.spec(client, select=sel, **policy))
+        clients[case] = w.client()
+        names[case] = w.create(case, w.spec(clients[case], select=sel, **policy))
     # Merge into a namespace where the Secret does not exist: that namespace fails, TargetNotFound.
     missing = w.namespace("cc-merge-missing")
     w.patch(names["merge"], {"spec": {"namespaces": [missing]}})
@@ -587,12 +591,15 @@ def test_deletion_policies_when_labelled_out_and_when_the_credential_is_deleted(
     assert gone(w, missing, "autotek-token"), "Merge created a Secret"
     for case in ("owner", "retain"):
         w.wait_counts(names[case], 3, 3, 0)
-    token = w.token(nss["owner"][0], "autotek-token")
-    assert all(w.token(ns, "autotek-token") == token for v in nss.values() for ns in v), "one client, one token"
-    assert len(w.requests(client)) == 1
+    tokens = {case: w.token(nss[case][0], "autotek-token") for case in cases}
+    for case in cases:
+        assert tokens[case] and all(w.token(ns, "autotek-token") == tokens[case] for ns in nss[case]), case
+        assert len(w.requests(clients[case])) == 1, case
     retain_obj = w.get(names["retain"])
     assert retain_obj is not None
-    assert_layout(w, nss["retain"][0], "autotek-token", retain_obj, token, owned=False)
+    assert_layout(w, nss["retain"][0], "autotek-token", retain_obj, tokens["retain"], owned=False)
+    merged = w.cluster.secret_data(nss["merge"][0], "autotek-token") or {}
+    assert merged.get("theirs") == "kept" and merged.get("access_token") == tokens["merge"], sorted(merged)
 
     # Labelled out.
     for case in cases:
@@ -601,7 +608,9 @@ def test_deletion_policies_when_labelled_out_and_when_the_credential_is_deleted(
     theirs_intact(wait_for("Merge: unmerged when labelled out", lambda: unmerged(w, nss["merge"][2],
                                                                                  "autotek-token"), timeout=30))
     w.wait_counts(names["retain"], 2, 2, 0)
-    assert w.token(nss["retain"][2], "autotek-token") == token, "Retain: the Secret was removed when labelled out"
+    w.wait_counts(names["owner"], 2, 2, 0)
+    w.wait_counts(names["merge"], 3, 2, 1)
+    assert w.token(nss["retain"][2], "autotek-token") == tokens["retain"], "Retain: removed when labelled out"
 
     # The credentials deleted.
     for case in cases:
@@ -612,7 +621,7 @@ def test_deletion_policies_when_labelled_out_and_when_the_credential_is_deleted(
         theirs_intact(wait_for(f"Merge: {ns} unmerged", lambda n=ns: unmerged(w, n, "autotek-token"), timeout=60))
     time.sleep(3)
     for ns in nss["retain"]:
-        assert w.token(ns, "autotek-token") == token, f"Retain: {ns} lost its Secret"
+        assert w.token(ns, "autotek-token") == tokens["retain"], f"Retain: {ns} lost its Secret"
     for ns in nss["merge"]:
         assert w.cluster.secret(ns, "autotek-token") is not None, "Merge: a Secret was deleted"
 
@@ -654,9 +663,9 @@ def test_leaving_the_selection_while_the_operator_is_down_is_cleaned_on_the_next
     merge_ns = [w.namespace("cc-down-m", {SELECT: sel + "m"}) for _ in range(2)]
     for ns in merge_ns:
         put_foreign(w, ns, "merged-token")
-    client = w.client()
+    client, other = w.client(), w.client()
     owner = w.create("down-owner", w.spec(client, select=sel))
-    merge = w.create("down-merge", w.spec(client, "merged-token", select=sel + "m", creationPolicy="Merge"))
+    merge = w.create("down-merge", w.spec(other, "merged-token", select=sel + "m", creationPolicy="Merge"))
     w.wait_counts(owner, 2, 2, 0)
     w.wait_counts(merge, 2, 2, 0)
     w.op.stop()
@@ -672,7 +681,7 @@ def test_leaving_the_selection_while_the_operator_is_down_is_cleaned_on_the_next
     w.wait_counts(owner, 1, 1, 0)
     w.wait_counts(merge, 1, 1, 0)
     assert w.token(owner_ns[0], "autotek-token") and w.token(merge_ns[0], "merged-token")
-    assert len(w.requests(client)) == 1
+    assert len(w.requests(client)) == 1 and len(w.requests(other)) == 1, "the restart made a token request"
 
 
 def test_a_leader_failover_makes_no_token_request(world: World, cluster: Cluster) -> None:
