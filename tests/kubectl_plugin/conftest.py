@@ -32,7 +32,9 @@ from autotek_operator.dev.emulator import EmulatorThread
 from autotek_operator.dev.emulator import kubeconfig as emulator_kubeconfig
 
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
-CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "autotekcredentials.autotek.io.yaml"
+CRDS = Path(__file__).resolve().parents[2] / "crds"
+CRD_FILES = (CRDS / "autotekcredentials.autotek.io.yaml", CRDS / "clusterautotekcredentials.autotek.io.yaml")
+CLUSTER_PLURAL = "clusterautotekcredentials"
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
@@ -66,8 +68,8 @@ class Kube:
                 raise
 
     def install_crd(self) -> None:
-        """Create the CRD unless it exists (shared with other workers: never deleted) and wait for it."""
-        controlplane.install_crds(self.api, [yaml.safe_load(CRD_FILE.read_text())])
+        """Create the CRDs unless they exist (shared with other workers: never deleted) and wait for them."""
+        controlplane.install_crds(self.api, [yaml.safe_load(path.read_text()) for path in CRD_FILES])
 
     def versions(self, ns: str) -> dict[tuple[str, str], str]:
         """(kind, name) -> resourceVersion of every credential, Secret and Event in ``ns``."""
@@ -114,6 +116,32 @@ class Kube:
 
     def credential(self, ns: str, name: str) -> dict[str, Any]:
         return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name))
+
+    # -- ClusterAutoTekCredentials (cluster-scoped: tests give them unique names and delete them) ----------
+
+    def create_cluster_credential(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body: Any = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterAutoTekCredential",
+                     "metadata": {"name": name}, "spec": spec}
+        return cast(dict[str, Any], self.custom.create_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, body))
+
+    def set_cluster_status(self, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, CLUSTER_PLURAL, name, {"status": status}, _content_type="application/merge-patch+json"
+        )
+
+    def cluster_credential(self, name: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self.custom.get_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, name))
+
+    def delete_cluster_credential(self, name: str) -> None:
+        try:
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def create_labelled_namespace(self, name: str, labels: dict[str, str]) -> None:
+        self.core.create_namespace({"apiVersion": "v1", "kind": "Namespace",
+                                    "metadata": {"name": name, "labels": labels}})
 
 
 class Server:

@@ -163,3 +163,64 @@ def test_global_flags_before_or_after_the_subcommand() -> None:
     assert (a.kubeconfig, a.namespace, a.context) == ("k", "a", None)
     b = parser.parse_args(["-n", "a", "status", "-n", "b", "--context", "c"])
     assert (b.kubeconfig, b.namespace, b.context) == (None, "b", "c")
+
+
+def test_outcome_of_a_cluster_credential_with_namespaces_missing_the_token() -> None:
+    """The exchange succeeded; some namespaces did not get the token: an outcome, reported with where."""
+    partial = cred(ready=("False", "NamespacesNotProvisioned", "2 of 5"), lastRefreshTime=iso(1),
+                   lastRefreshRequest=REQ, failedAttempts=0)
+    assert kp.refresh_outcome(partial, REQ, NOW, BEFORE) == kp.Outcome(True)
+    # The same status with another Ready=False reason is no success.
+    other = cred(ready=("False", "Expired", "x"), lastRefreshTime=iso(1), lastRefreshRequest=REQ)
+    assert kp.refresh_outcome(other, REQ, NOW, BEFORE) is None
+
+
+@pytest.mark.parametrize("reason", ["ClientSecretNamespaceNotAllowed", "NoNamespacesSelected"])
+def test_cluster_reasons_that_block_a_refresh(reason: str) -> None:
+    before = kp.Before(last_refresh_time=None, last_failure_time=None, failed_attempts=0)
+    blocked = cred(ready=("False", reason, "m"), lastFailureReason=reason, lastFailureTime=iso(1), failedAttempts=1)
+    assert kp.refresh_outcome(blocked, REQ, NOW, before) == kp.Outcome(False, reason, "m")
+
+
+@pytest.mark.parametrize(("text", "cluster", "ref"), [
+    ("x", False, kp.Ref("x", "shop")),
+    ("x", True, kp.Ref("x")),
+    ("atc/x", False, kp.Ref("x", "shop")),
+    ("autotekcredentials.autotek.io/x", False, kp.Ref("x", "shop")),
+    ("AutoTekCredential/x", False, kp.Ref("x", "shop")),
+    ("catc/x", False, kp.Ref("x")),
+    ("catc/x", True, kp.Ref("x")),
+    ("clusterautotekcredential/x", False, kp.Ref("x")),
+    ("ClusterAutoTekCredentials.autotek.io/x", False, kp.Ref("x")),
+])
+def test_parse_ref(text: str, cluster: bool, ref: kp.Ref) -> None:
+    assert kp.parse_ref(text, cluster=cluster, namespace="shop") == ref
+
+
+@pytest.mark.parametrize(("text", "cluster"), [("atc/x", True), ("secret/x", False), ("catc/", False)])
+def test_parse_ref_refuses(text: str, cluster: bool) -> None:
+    with pytest.raises(kp.CommandError) as exc:
+        kp.parse_ref(text, cluster=cluster, namespace="shop")
+    assert exc.value.code == kp.EXIT_USAGE
+
+
+def test_ref_names_and_not_found_messages() -> None:
+    assert str(kp.Ref("x")) == "catc/x" and kp.Ref("x").kind == "ClusterAutoTekCredential"
+    assert str(kp.Ref("x", "shop")) == "shop/x" and kp.Ref("x", "shop").kind == "AutoTekCredential"
+    assert kp.Ref("x").not_found().message == 'ClusterAutoTekCredential "x" not found'
+    assert kp.Ref("x", "shop").not_found().message == 'AutoTekCredential "x" not found in namespace "shop"'
+
+
+def test_cluster_rows_and_detail() -> None:
+    obj = cred(ready=("False", "NamespacesNotProvisioned", "1 of 2"), secretName="t",
+               namespaces={"selected": 2, "provisioned": 1, "failed": 1},
+               failedNamespaces=[{"namespace": "b", "reason": "TargetNotFound", "message": "no\nSecret"}])
+    assert kp.cluster_status_rows([obj], NOW) == [["x", "False", "NamespacesNotProvisioned", "1/2", "1", "t", "-", "-",
+                                                   "0"]]
+    assert kp.cluster_detail(obj) == [
+        "Ready: False (NamespacesNotProvisioned): 1 of 2",
+        "Namespaces: 2 selected, 1 provisioned, 1 failed",
+        "Failed namespaces:",
+        "  NAMESPACE   REASON           MESSAGE",
+        "  b           TargetNotFound   no Secret",
+    ]
