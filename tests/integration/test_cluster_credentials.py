@@ -17,8 +17,10 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import yaml
 from faults import APIProxy, make_ca
 from harness import ROOT, SENSITIVE, Broker, Client, Cluster, Operator, new_client, wait_for
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 from rbac import SCOPE_LABEL, new_scope
 
 import controlplane
@@ -80,6 +83,7 @@ class World:
     ops: str
     proxy: RecordingProxy
     op: Operator
+    metrics_port: int
     made: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
 
@@ -154,6 +158,13 @@ class World:
                 and (e.get("involvedObject") or {}).get("name") == name
                 and reason in (None, e.get("reason"))]
 
+    def namespace_gauge(self, name: str) -> dict[str, float]:
+        """``autotek_cluster_credential_namespaces{name=NAME}`` by state, from the operator's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return {s.labels.get("state", ""): s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "autotek_cluster_credential_namespaces" and s.labels.get("name") == name}
+
     # -- namespaces and Secrets -----------------------------------------------------------------------------
 
     def namespace(self, prefix: str, labels: dict[str, str] | None = None) -> str:
@@ -196,6 +207,12 @@ class World:
         return out
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _served(cluster: Cluster) -> bool:
     try:
         cluster.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=1)
@@ -229,8 +246,9 @@ def world(cluster: Cluster, workdir: Path) -> Iterator[World]:
     scope = new_scope()
     ops = cluster.create_namespace("catc-ops")
     proxy = RecordingProxy(cluster.identity().kubeconfig, root / "kubeconfig-proxied", make_ca("catc API relay"), root)
-    op = _operator(cluster, broker, root, "op", scope, ops, proxy.kubeconfig)
-    w = World(cluster, broker, root, scope, ops, proxy, op)
+    port = _free_port()
+    op = _operator(cluster, broker, root, "op", scope, ops, proxy.kubeconfig, AUTOTEK_METRICS_PORT=str(port))
+    w = World(cluster, broker, root, scope, ops, proxy, op, port)
     try:
         op.start()
         yield w
@@ -461,6 +479,9 @@ def test_a_foreign_secret_is_never_touched_and_fails_only_its_namespace(world: W
 
     quiet_window(6, untouched)
     assert len(w.requests(client)) == 1
+    gauge = wait_for("the namespaces gauge", lambda: (g := w.namespace_gauge(name)) and g.get("failed") == 1 and g,
+                     timeout=20)
+    assert gauge == {"selected": 3, "provisioned": 2, "failed": 1}, gauge
 
     # The conflict resolved by its owner: that namespace alone is retried and provisioned, with the same token.
     w.cluster.core.delete_namespaced_secret("autotek-token", y)
@@ -748,6 +769,23 @@ def test_status_counts_and_a_bounded_list_of_failed_namespaces(world: World) -> 
     assert "25" in cond["message"], cond["message"]
     assert len(json.dumps(st)) < 8000, "the status grows with the number of namespaces"
     assert all(w.token(ns, "autotek-token") for ns in good)
+    assert len(w.requests(client)) == 1
+
+
+def test_nothing_selected_requests_no_token_until_a_namespace_is(world: World) -> None:
+    w = world
+    sel = uuid.uuid4().hex[:8]
+    client = w.client()
+    name = w.create("none", w.spec(client, select=sel))
+    cond = w.wait_ready(name, "False", "NoNamespacesSelected")
+    assert cond["message"], cond
+    w.wait_counts(name, 0, 0, 0)
+    time.sleep(5)
+    assert not w.requests(client), "a token request for no namespace at all"
+    ns = w.namespace("cc-first", {SELECT: sel})
+    wait_for("the first selected namespace's Secret", lambda: w.token(ns, "autotek-token"), timeout=30)
+    w.wait_ready(name, reason="TokenIssued")
+    w.wait_counts(name, 1, 1, 0)
     assert len(w.requests(client)) == 1
 
 
