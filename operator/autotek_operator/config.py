@@ -54,6 +54,12 @@ class Settings:
     leader_election_renew_deadline: int = 20
     #: AUTOTEK_LEADER_ELECTION_RETRY_PERIOD: seconds between two renewals or checks of the Lease.
     leader_election_retry_period: int = 5
+    #: AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES: namespaces whose client Secrets ClusterAutoTekCredentials
+    #: may use (default: the operator's own namespace).
+    cluster_credential_namespaces: tuple[str, ...] = ("autotek-system",)
+    #: The operator's own namespace ($POD_NAMESPACE, else the leader election namespace): where the
+    #: Events of cluster-scoped credentials go.
+    operator_namespace: str = "autotek-system"
 
     @property
     def clusterwide(self) -> bool:
@@ -80,6 +86,8 @@ ENV = {
     "leader_election_lease_duration": "AUTOTEK_LEADER_ELECTION_LEASE_DURATION",
     "leader_election_renew_deadline": "AUTOTEK_LEADER_ELECTION_RENEW_DEADLINE",
     "leader_election_retry_period": "AUTOTEK_LEADER_ELECTION_RETRY_PERIOD",
+    "cluster_credential_namespaces": "AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES",
+    "operator_namespace": "POD_NAMESPACE",
 }
 
 
@@ -186,6 +194,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     lease_ns = raw["leader_election_namespace"] or env.get("POD_NAMESPACE", "").strip()
     if lease_ns:
         values["leader_election_namespace"] = lease_ns
+    own = raw["operator_namespace"] or str(values.get("leader_election_namespace", Settings.leader_election_namespace))
+    values["operator_namespace"] = own
+    if raw["cluster_credential_namespaces"]:
+        allowed = _list(raw["cluster_credential_namespaces"])
+        for ns in allowed:
+            if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns):
+                raise ConfigError(f"AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES: {ns!r} is not a valid namespace name")
+        values["cluster_credential_namespaces"] = allowed
+    else:
+        values["cluster_credential_namespaces"] = (own,)
     if raw["leader_election_id"]:
         values["leader_election_id"] = raw["leader_election_id"]
     timings = {

@@ -7,6 +7,9 @@ VERSION = "v1alpha1"
 PLURAL = "autotekcredentials"
 KIND = "AutoTekCredential"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The cluster-scoped kind: one token, written into many namespaces.
+CLUSTER_PLURAL = "clusterautotekcredentials"
+CLUSTER_KIND = "ClusterAutoTekCredential"
 
 MANAGER = "autotek-operator"
 
@@ -15,6 +18,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ANN_CREDENTIAL = "autotek.io/credential"
 ANN_EXPIRES_AT = "autotek.io/expires-at"
 ANN_REFRESHED_AT = "autotek.io/refreshed-at"
+# On a Secret written for a ClusterAutoTekCredential: that kind (absent: AutoTekCredential).
+ANN_CREDENTIAL_KIND = "autotek.io/credential-kind"
 # Recorded on every target Secret, so that its writes can be undone as the credential asked even
 # after the credential is gone (see converge.py): its policies, the keys its template wrote into a
 # Secret it merged into, and the credential selector of the operator that wrote it (proof of scope).
@@ -48,6 +53,13 @@ REASON_INVALID_TOKEN_RESPONSE = "InvalidTokenResponse"
 REASON_TARGET_CONFLICT = "TargetConflict"
 REASON_TARGET_NOT_FOUND = "TargetNotFound"
 REASON_EXPIRED = "Expired"
+# ClusterAutoTekCredential only.
+REASON_CLIENT_SECRET_NAMESPACE_NOT_ALLOWED = "ClientSecretNamespaceNotAllowed"
+REASON_NAMESPACES_NOT_PROVISIONED = "NamespacesNotProvisioned"
+REASON_NO_NAMESPACES_SELECTED = "NoNamespacesSelected"
+REASON_WRITE_FAILED = "KubernetesAPIError"
+#: At most this many entries in status.failedNamespaces (sorted by namespace).
+MAX_FAILED_NAMESPACES = 20
 
 # Event reasons (besides the failure reasons above, which Warning Events reuse).
 EVENT_ISSUED = "TokenIssued"

@@ -7,7 +7,9 @@ the deletion policy recorded on it when it was written. Nothing here does I/O: t
 confirms each decision with a read of the credential before it writes anything.
 
 The rule is phrased as "credential key -> namespaces it wants its Secret in", so that a
-credential writing into many namespaces fits it as well as one writing into its own.
+ClusterAutoTekCredential (key ``("", name)``), writing into many namespaces, fits it as well as an
+AutoTekCredential (key ``(namespace, name)``) writing into its own: a namespace that leaves a
+cluster credential's selection is, for that namespace, exactly a credential that is gone.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class Mark:
     deletion_policy: str | None
     selector: str | None
     has_owner_reference: bool
+    #: The kind of credential it was written for (autotek.io/credential-kind, absent: AutoTekCredential).
+    kind: str = c.KIND
+
+    def credential_key(self, namespace: str) -> Key:
+        """The key of the credential a Secret in ``namespace`` was written for."""
+        return ("", self.credential) if self.kind == c.CLUSTER_KIND else (namespace, self.credential)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +85,10 @@ def mark_of(secret: Mapping[str, Any]) -> Mark | None:
     annotations = meta.get("annotations") or {}
     if not isinstance(annotations, Mapping) or c.ANN_CREDENTIAL not in annotations:
         return None
+    kind = c.CLUSTER_KIND if annotations.get(c.ANN_CREDENTIAL_KIND) == c.CLUSTER_KIND else c.KIND
     refs = meta.get("ownerReferences") or ()
     owned = any(
-        isinstance(r, Mapping) and r.get("kind") == c.KIND and str(r.get("apiVersion", "")).startswith(c.GROUP + "/")
+        isinstance(r, Mapping) and r.get("kind") == kind and str(r.get("apiVersion", "")).startswith(c.GROUP + "/")
         for r in (refs if isinstance(refs, list) else ())
     )
     credential = annotations.get(c.ANN_CREDENTIAL)
@@ -89,6 +98,7 @@ def mark_of(secret: Mapping[str, Any]) -> Mark | None:
         deletion_policy=_intern(annotations.get(c.ANN_DELETION_POLICY)),
         selector=_intern(annotations.get(c.ANN_WRITER_SELECTOR)),
         has_owner_reference=owned,
+        kind=kind,
     )
 
 
@@ -105,7 +115,7 @@ def decide(secret: Key, mark: Mark, wanted: Mapping[Key, frozenset[str]], select
         return Action(secret, LEAVE, None, "written by an operator with another credential selector")
     if not valid_name(mark.credential):
         return Action(secret, BAD_INPUT, None, f"its {c.ANN_CREDENTIAL} annotation is not a valid name")
-    key = (ns, mark.credential)
+    key = mark.credential_key(ns)
     if ns in wanted.get(key, frozenset()):
         return Action(secret, LEAVE, key, "the credential still wants it")
     if mark.selector is None or mark.creation_policy is None or mark.deletion_policy is None:

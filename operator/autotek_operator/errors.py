@@ -85,3 +85,10 @@ class KubernetesAPIError(AutoTekError):
 
     reason = c.REASON_PENDING
     retry_class = "transient"
+
+
+class ClientSecretNamespaceNotAllowed(AutoTekError):
+    """A ClusterAutoTekCredential names a client Secret outside AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES."""
+
+    reason = c.REASON_CLIENT_SECRET_NAMESPACE_NOT_ALLOWED
+    retry_class = "permanent"

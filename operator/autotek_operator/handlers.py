@@ -38,7 +38,12 @@ log = logging.getLogger("autotek_operator")
 
 #: (group, version, plural) of every resource listed and watched (by watch.CredentialWatch and
 #: watch.SecretWatch); the RBAC test grants list+watch for exactly these (plus kube.API_CALLS).
-WATCHED = ((c.GROUP, c.VERSION, c.PLURAL), ("", "v1", "secrets"))
+WATCHED = (
+    (c.GROUP, c.VERSION, c.PLURAL),
+    (c.GROUP, c.VERSION, c.CLUSTER_PLURAL),
+    ("", "v1", "secrets"),
+    ("", "v1", "namespaces"),
+)
 
 
 class _Holder:

@@ -164,6 +164,10 @@ def _credentials(namespace: str, *rest: str) -> str:
     return _path("apis", c.GROUP, c.VERSION, "namespaces", namespace, c.PLURAL, *rest)
 
 
+def _cluster_credentials(*rest: str) -> str:
+    return _path("apis", c.GROUP, c.VERSION, c.CLUSTER_PLURAL, *rest)
+
+
 class Kube:
     """The operator's Kubernetes calls, blocking; run them from worker threads.
 
@@ -249,6 +253,22 @@ class Kube:
             content_type=MERGE_PATCH,
         )
 
+    @api_call(c.GROUP, c.CLUSTER_PLURAL, "get")
+    def get_cluster_credential(self, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = _request_or_none(self.api_client, "GET", _cluster_credentials(name))
+        return result
+
+    @api_call(c.GROUP, f"{c.CLUSTER_PLURAL}/status", "patch")
+    def patch_cluster_credential_status(self, name: str, status: Mapping[str, Any]) -> None:
+        # 404: deleted meanwhile, nothing to report on.
+        _request_or_none(
+            self.api_client,
+            "PATCH",
+            _cluster_credentials(name, "status"),
+            {"status": dict(status)},
+            content_type=MERGE_PATCH,
+        )
+
     @api_call("", "events", "create")
     def create_event(
         self,
@@ -260,19 +280,19 @@ class Kube:
         reason: str,
         message: str,
         now: datetime,
+        kind: str = c.KIND,
     ) -> None:
+        """An Event about a credential, in ``namespace``: the credential's own, or for a
+        ClusterAutoTekCredential (``kind``) the operator's namespace."""
         stamp = format_time(now)
+        involved = {"apiVersion": c.API_VERSION, "kind": kind, "name": name, "uid": uid}
+        if kind != c.CLUSTER_KIND:
+            involved["namespace"] = namespace
         body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"name": f"{name}.{_random.token_hex(8)}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": c.API_VERSION,
-                "kind": c.KIND,
-                "name": name,
-                "namespace": namespace,
-                "uid": uid,
-            },
+            "involvedObject": involved,
             "type": event_type,
             "reason": reason,
             "message": message[:1024],

@@ -1,4 +1,9 @@
-"""One credential, one pass: decide, fetch a token if needed, write the Secret, report.
+"""One credential, one pass: decide, fetch a token if needed, write the Secrets, report.
+
+One path for both kinds: an AutoTekCredential writes into its own namespace, a
+ClusterAutoTekCredential into each namespace it selects. Either way a pass makes at most one
+token request, then one write per namespace whose Secret does not hold the token (for the
+cluster kind concurrently, each namespace failing and retrying on its own).
 
 Framework-free: the pass gets its I/O (``Deps``), the clock and the random source from the
 caller and works on a ``CredentialState`` that only it touches while it runs. The runtime
@@ -9,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -17,6 +23,7 @@ from . import constants as c
 from . import errors, metrics, scheduling
 from .kube import Conflict, Kube
 from .spec import CREATION_MERGE, DELETION_DELETE, CredentialSpec, parse_spec
+from .state import UNKNOWN, ClientCredentials, CredentialState, NamespaceTarget
 from .status import Readiness, find_condition, fmt, ready_condition, status_patch
 from .target import (
     HeldToken,
@@ -57,119 +64,15 @@ class Deps:
     restart_min_interval: float = 300.0
     #: AUTOTEK_CREDENTIAL_SELECTOR, recorded on every Secret written (proof of scope for cleanups).
     selector: str = ""
+    #: AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES: where ClusterAutoTekCredentials' client Secrets may live.
+    cluster_client_namespaces: frozenset[str] = frozenset()
+    #: The operator's namespace: where the Events of ClusterAutoTekCredentials go.
+    event_namespace: str = "autotek-system"
+    #: Runs the namespaces' reads and writes of a ClusterAutoTekCredential concurrently (None: in turn).
+    fan_out: Executor | None = None
 
 
-class _Unknown:
-    """Marks a cached object that must be read from the API (as opposed to None: known absent)."""
-
-    def __repr__(self) -> str:
-        return "UNKNOWN"
-
-
-UNKNOWN: Any = _Unknown()
-
-
-@dataclass(frozen=True, slots=True)
-class ClientCredentials:
-    version: str
-    client_id: str = field(repr=False)
-    client_secret: str = field(repr=False)
-
-
-@dataclass(slots=True)
-class CredentialState:
-    """What the operator knows about one AutoTekCredential."""
-
-    namespace: str
-    name: str
-    uid: str
-    generation: int | None
-    spec: Mapping[str, Any]
-    refresh_request: str | None = None
-    status: dict[str, Any] = field(default_factory=dict)
-
-    token: HeldToken | None = None
-    client: ClientCredentials | None = None
-    #: The client and target Secrets as last seen (watch events, our own writes), so that a pass
-    #: reads them from the API only when it has no fresh copy. UNKNOWN: read it; None: absent.
-    client_body: Any = field(default=UNKNOWN, repr=False)
-    target_body: Any = field(default=UNKNOWN, repr=False)
-    target_version: str | None = None
-    next_refresh: datetime | None = None
-    backoff_until: datetime | None = None
-    failed_attempts: int = 0
-    last_failure_time: datetime | None = None
-    last_failure_reason: str | None = None
-    last_attempt_at: datetime | None = None
-    handled_refresh_request: str | None = None
-    handled_generation: int | None = None
-    issued_client_version: str | None = None
-    #: A change asked for a new token now (spec, client Secret, annotation): the reason.
-    force_new: str | None = None
-    expired_reported: bool = False
-    #: Rollout restarts held back by the minimum interval (status.pendingRestarts).
-    pending_restarts: tuple[scheduling.OwedRestart, ...] = ()
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
-
-    def label(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    def next_due(self) -> datetime | None:
-        """When the next pass is due: the next refresh, or an owed restart if that comes first."""
-        return scheduling.next_due(self.next_refresh, self.pending_restarts)
-
-    def status_has(self, condition: str) -> bool:
-        return find_condition(self.status.get("conditions"), condition) is not None
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> CredentialState:
-        """State for a credential seen for the first time, resumed from its stored status."""
-        meta = body.get("metadata") or {}
-        status = dict(body.get("status") or {})
-        st = cls(
-            namespace=meta.get("namespace", ""),
-            name=meta.get("name", ""),
-            uid=meta.get("uid", ""),
-            generation=meta.get("generation"),
-            spec=body.get("spec") or {},
-            refresh_request=(meta.get("annotations") or {}).get(c.ANN_REFRESH_REQUESTED_AT),
-            status=status,
-        )
-        st.next_refresh = parse_time(status.get("nextRefreshTime"))
-        attempts = status.get("failedAttempts")
-        st.failed_attempts = attempts if isinstance(attempts, int) and attempts >= 0 else 0
-        st.last_failure_time = parse_time(status.get("lastFailureTime"))
-        st.last_failure_reason = status.get("lastFailureReason")
-        if st.failed_attempts and st.next_refresh is not None:
-            st.backoff_until = st.next_refresh
-        st.handled_refresh_request = status.get("lastRefreshRequest")
-        st.handled_generation = status.get("observedGeneration")
-        st.issued_client_version = status.get("clientSecretVersion")
-        st.pending_restarts = _owed_from_status(status.get("pendingRestarts"))
-        return st
-
-    def update_from_body(self, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        self.uid = meta.get("uid", self.uid)
-        self.generation = meta.get("generation")
-        self.spec = body.get("spec") or {}
-        self.refresh_request = (meta.get("annotations") or {}).get(c.ANN_REFRESH_REQUESTED_AT)
-
-
-def _owed_from_status(value: object) -> tuple[scheduling.OwedRestart, ...]:
-    """status.pendingRestarts as stored; entries that are not well formed are dropped."""
-    out = []
-    for item in value if isinstance(value, list) else ():
-        if not isinstance(item, Mapping):
-            continue
-        kind, name = item.get("kind"), item.get("name")
-        since, due = parse_time(item.get("since")), parse_time(item.get("dueAt"))
-        if isinstance(kind, str) and isinstance(name, str) and since is not None and due is not None:
-            out.append(scheduling.OwedRestart(kind, name, since, due))
-    return tuple(out)
+__all__ = ["UNKNOWN", "ClientCredentials", "CredentialState", "Deps", "NamespaceTarget", "run_pass"]
 
 
 def _owed_to_status(owed: tuple[scheduling.OwedRestart, ...]) -> list[dict[str, str]] | None:
@@ -224,9 +127,10 @@ def _read_client(st: CredentialState, spec: CredentialSpec, kube: Kube) -> Clien
     if st.client is not None:
         return st.client
     ref = spec.client_secret_ref
-    secret = kube.get_secret(st.namespace, ref.name) if st.client_body is UNKNOWN else st.client_body
+    namespace = ref.namespace or st.namespace
+    secret = kube.get_secret(namespace, ref.name) if st.client_body is UNKNOWN else st.client_body
     if secret is None:
-        raise errors.ClientSecretNotFound(f"Secret {ref.name} not found in namespace {st.namespace}")
+        raise errors.ClientSecretNotFound(f"Secret {ref.name} not found in namespace {namespace}")
     data = secret.get("data") or {}
     client_id = unb64(data.get(ref.client_id_key))
     client_secret = unb64(data.get(ref.client_secret_key))
@@ -256,26 +160,27 @@ def _token_request(spec: CredentialSpec, client: ClientCredentials) -> TokenRequ
 
 
 def _write_target(
-    st: CredentialState,
+    ns: str,
     spec: CredentialSpec,
     owner: Owner,
     target: Mapping[str, Any] | Written | None,
     token: HeldToken,
     kube: Kube,
 ) -> tuple[Written, bool]:
-    """Make the target Secret hold ``token`` in one API call; (the Secret as now stored, written?)."""
+    """Make the target Secret in namespace ``ns`` hold ``token`` in one API call; (the Secret as
+    now stored, written?)."""
     name = spec.target.name
     merge = spec.target.creation_policy == CREATION_MERGE
     if isinstance(target, Written):
         if target.token == token:
             return target, False
         if merge:
-            return _merge_write(st, spec, owner, token, kube), True
+            return _merge_write(ns, spec, owner, token, kube), True
         try:
-            resp = kube.patch_secret(st.namespace, name, rotation_patch(spec, owner, token, target))
+            resp = kube.patch_secret(ns, name, rotation_patch(spec, owner, token, target))
         except Conflict:
             # Changed by someone else since we wrote it: look again, and stop if it is not ours.
-            target = kube.get_secret(st.namespace, name)
+            target = kube.get_secret(ns, name)
             check_target(target, spec, owner)
         else:
             if resp is not None:
@@ -285,27 +190,27 @@ def _write_target(
     if target is not None and matches(target, spec, owner, token):
         return _written(target, token), False
     if merge:
-        return _merge_write(st, spec, owner, token, kube), True
+        return _merge_write(ns, spec, owner, token, kube), True
     for _ in range(2):
         try:
             if target is None:
-                created = kube.create_secret(st.namespace, desired_secret(None, spec, owner, token))
+                created = kube.create_secret(ns, desired_secret(None, spec, owner, token, ns))
                 metrics.observe_secret_write("create")
                 return _written(created, token), True
-            replaced = kube.replace_secret(st.namespace, name, desired_secret(target, spec, owner, token))
+            replaced = kube.replace_secret(ns, name, desired_secret(target, spec, owner, token, ns))
             metrics.observe_secret_write("update")
             return _written(replaced, token), True
         except Conflict:
             # Created or changed by someone else meanwhile: look again, and stop if it is not ours.
-            target = kube.get_secret(st.namespace, name)
+            target = kube.get_secret(ns, name)
             check_target(target, spec, owner)
             if target is not None and matches(target, spec, owner, token):
                 return _written(target, token), False
     raise errors.KubernetesAPIError(f"Secret {name} kept changing while being written; will retry")
 
 
-def _merge_write(st: CredentialState, spec: CredentialSpec, owner: Owner, token: HeldToken, kube: Kube) -> Written:
-    resp = kube.patch_secret(st.namespace, spec.target.name, merge_patch(spec, owner, token))
+def _merge_write(ns: str, spec: CredentialSpec, owner: Owner, token: HeldToken, kube: Kube) -> Written:
+    resp = kube.patch_secret(ns, spec.target.name, merge_patch(spec, owner, token))
     if resp is None:
         raise errors.TargetNotFound(f"Secret {spec.target.name} does not exist; creationPolicy Merge needs it to exist")
     metrics.observe_secret_write("patch")
@@ -328,6 +233,18 @@ def _written(secret: Mapping[str, Any], token: HeldToken) -> Written:
 
 def _event(deps: Deps, st: CredentialState, event_type: str, reason: str, message: str, now: datetime) -> None:
     try:
+        if st.cluster:
+            deps.kube.create_event(
+                namespace=deps.event_namespace,
+                name=st.name,
+                uid=st.uid,
+                event_type=event_type,
+                reason=reason,
+                message=message,
+                now=now,
+                kind=st.kind,
+            )
+            return
         deps.kube.create_event(
             namespace=st.namespace,
             name=st.name,
@@ -462,52 +379,200 @@ def _failure_message(exc: errors.AutoTekError) -> str:
     return exc.message
 
 
+def _look(st: CredentialState, spec: CredentialSpec, owner: Owner, ns: str, kube: Kube) -> Any:
+    """The target Secret in ``ns`` as it is (read only when there is no fresh copy); raises when
+    this credential must not write it (TargetConflict, TargetNotFound)."""
+    t = st.targets[ns]
+    target = t.body
+    if target is UNKNOWN or (isinstance(target, Written) and st.token is None):
+        target = trim_secret(kube.get_secret(ns, spec.target.name))
+        t.body = target
+    if target is None and spec.target.creation_policy == CREATION_MERGE:
+        raise errors.TargetNotFound(
+            f"Secret {spec.target.name} does not exist; creationPolicy Merge writes only into an existing Secret"
+        )
+    if not isinstance(target, Written):
+        check_target(target, spec, owner)
+    return target
+
+
+Outcome = tuple[Any, errors.AutoTekError | None]
+
+
+def _each(deps: Deps, namespaces: list[str], fn: Callable[[str], Any]) -> dict[str, Outcome]:
+    """``fn`` for every namespace (concurrently on ``deps.fan_out``), each failure kept to its own."""
+
+    def one(ns: str) -> Outcome:
+        try:
+            return fn(ns), None
+        except errors.AutoTekError as exc:
+            return None, exc
+
+    if deps.fan_out is None or len(namespaces) < 2:
+        return {ns: one(ns) for ns in namespaces}
+    return dict(zip(namespaces, deps.fan_out.map(one, namespaces), strict=True))
+
+
+def _namespace_failed(t: NamespaceTarget, exc: errors.AutoTekError, now: datetime, deps: Deps) -> None:
+    """Record a failure in one namespace: that namespace alone backs off."""
+    t.attempts += 1
+    refused = isinstance(exc, errors.TargetConflict | errors.TargetNotFound)
+    t.reason = exc.reason if refused else c.REASON_WRITE_FAILED
+    t.message = exc.message
+    delay = scheduling.backoff_delay(exc.retry_class, t.attempts, deps.rand, exc.retry_after)
+    t.retry_at = now + timedelta(seconds=max(delay, scheduling.FLOOR_SECONDS)) if delay is not None else None
+
+
+def _look_all(st: CredentialState, spec: CredentialSpec, owner: Owner, deps: Deps, now: datetime) -> dict[str, Any]:
+    """The target Secret of every namespace to write this pass: the namespaced kind's own (a
+    refusal raises, as for the whole credential); for the cluster kind each selected namespace
+    that is not backing off, a refusal recorded for that namespace only."""
+    if not st.cluster:
+        st.target(st.namespace)
+        return {st.namespace: _look(st, spec, owner, st.namespace, deps.kube)}
+    todo = []
+    for ns in sorted(st.selected):
+        t = st.target(ns)
+        older = st.yielded.get(ns)
+        if older is not None:
+            if t.reason != c.REASON_TARGET_CONFLICT or t.retry_at is not None:
+                t.attempts += 1
+            t.reason, t.retry_at = c.REASON_TARGET_CONFLICT, None  # until the runtime sees a change
+            t.message = f"Secret {spec.target.name} is kept by the older {c.CLUSTER_KIND} {older}"
+            continue
+        if t.failed() and (t.retry_at is None or now < t.retry_at):
+            continue  # this namespace's own backoff; a change to its Secret clears it
+        todo.append(ns)
+    looked: dict[str, Any] = {}
+    for ns, (target, exc) in _each(deps, todo, lambda ns: _look(st, spec, owner, ns, deps.kube)).items():
+        if exc is not None:
+            _namespace_failed(st.targets[ns], exc, now, deps)
+        else:
+            looked[ns] = target
+    return looked
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+def _adopt(
+    st: CredentialState, spec: CredentialSpec, owner: Owner, looked: Mapping[str, Any], now: datetime, deps: Deps
+) -> bool:
+    """After a restart: hold the token a Secret of ours holds, if it is still valid (the latest one
+    when several namespaces hold different ones), instead of asking for a new one."""
+    if st.token is not None:
+        return False
+    found: list[tuple[HeldToken, str]] = []
+    for ns, target in looked.items():
+        if target is None or isinstance(target, Written) or not is_ours_or_merged(target, spec, owner):
+            continue
+        held = held_from_secret(target, owner)
+        if held is not None and held.valid(now):
+            found.append((held, ns))
+    if not found:
+        return False
+    adopted, ns = max(found, key=lambda f: (f[0].expires_at, f[1]))
+    st.token = replace(adopted, generation=st.handled_generation, client_version=st.issued_client_version)
+    if st.status.get("expiresAt") != format_time(adopted.expires_at):
+        # The Secret is newer than the status (a crash between the two writes): trust it.
+        lifetime = (adopted.expires_at - adopted.refreshed_at).total_seconds()
+        st.next_refresh = scheduling.refresh_time(adopted.refreshed_at, lifetime, spec.refresh, deps.rand)
+    log.debug(
+        "%s: resumed: holding the token in Secret %s/%s, valid until %s, next refresh %s",
+        st.label(),
+        ns,
+        spec.target.name,
+        format_time(adopted.expires_at),
+        fmt(st.next_refresh),
+    )
+    return True
+
+
+@dataclass(frozen=True)
+class NamespaceCounts:
+    """A ClusterAutoTekCredential's namespaces after a pass."""
+
+    selected: int
+    provisioned: int
+    #: (namespace, reason, message), sorted by namespace.
+    failed: tuple[tuple[str, str, str], ...]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "selected": self.selected,
+            "provisioned": self.provisioned,
+            "failed": len(self.failed),
+            "summary": f"{self.provisioned}/{self.selected}",
+        }
+
+    def failed_status(self) -> list[dict[str, str]] | None:
+        """status.failedNamespaces: the first MAX_FAILED_NAMESPACES, by name."""
+        listed = self.failed[: c.MAX_FAILED_NAMESPACES]
+        return [{"namespace": ns, "reason": r, "message": m} for ns, r, m in listed] or None
+
+    def describe(self, first: int = 5) -> str:
+        shown = ", ".join(f"{ns} ({r})" for ns, r, _ in self.failed[:first])
+        more = f" and {len(self.failed) - first} more" if len(self.failed) > first else ""
+        return f"{len(self.failed)} of {self.selected} selected namespaces not provisioned: {shown}{more}"
+
+
+def namespace_counts(st: CredentialState, now: datetime) -> NamespaceCounts:
+    provisioned = 0
+    failed = []
+    token = st.token if st.token is not None and st.token.valid(now) else None
+    for ns in sorted(st.selected):
+        t = st.targets.get(ns)
+        if t is None:
+            continue
+        if t.reason is not None:
+            failed.append((ns, t.reason, t.message))
+        elif token is not None and isinstance(t.body, Written) and t.body.token == token:
+            provisioned += 1
+    return NamespaceCounts(len(st.selected), provisioned, tuple(failed))
+
+
+def _check_client_namespace(spec: CredentialSpec, deps: Deps) -> None:
+    ns = spec.client_secret_ref.namespace
+    if ns not in deps.cluster_client_namespaces:
+        allowed = ", ".join(sorted(deps.cluster_client_namespaces)) or "none"
+        raise errors.ClientSecretNamespaceNotAllowed(
+            f"spec.clientSecretRef.namespace {ns} is not one the operator reads client Secrets from "
+            f"(AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES: {allowed}); the Secret was not read"
+        )
+
+
 def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     """Bring one credential up to date. Returns the (mutated) state; never raises AutoTekError."""
     now = deps.clock()
-    owner = Owner(st.namespace, st.name, st.uid, deps.selector)
+    owner = Owner(st.namespace, st.name, st.uid, deps.selector, st.kind)
     spec: CredentialSpec | None = None
     error: errors.AutoTekError | None = None
-    target_ok = False
+    target_ok = False  # every Secret this credential writes holds the token
+    delivered = False  # at least one Secret holds the token (the namespaced kind: its one Secret)
     issued: str | None = None  # event reason when a new token was written
     had_token = st.token is not None
     template_problems: list[str] = []
     deferred = False  # a new token is wanted, but backoff or the floor says not yet
+    nothing_selected = False
+    restored: list[str] = []
 
     try:
-        spec = parse_spec(st.spec, name=st.name)
+        spec = parse_spec(st.spec, name=st.name, cluster=st.cluster)
         deps.tokens.check_allowed(spec.token_url)
-        target = st.target_body
-        if target is UNKNOWN or (isinstance(target, Written) and st.token is None):
-            target = trim_secret(deps.kube.get_secret(st.namespace, spec.target.name))
-            st.target_body = target
-        if target is None and spec.target.creation_policy == CREATION_MERGE:
-            raise errors.TargetNotFound(
-                f"Secret {spec.target.name} does not exist; creationPolicy Merge writes only into an existing Secret"
-            )
-        if not isinstance(target, Written):
-            check_target(target, spec, owner)
-        if st.token is None and not isinstance(target, Written):
-            adopted = (
-                held_from_secret(target, owner)
-                if target is not None and is_ours_or_merged(target, spec, owner)
-                else None
-            )
-            if adopted is not None and adopted.valid(now):
-                st.token = replace(adopted, generation=st.handled_generation, client_version=st.issued_client_version)
-                had_token = True
-                if st.status.get("expiresAt") != format_time(adopted.expires_at):
-                    # The Secret is newer than the status (a crash between the two writes): trust it.
-                    lifetime = (adopted.expires_at - adopted.refreshed_at).total_seconds()
-                    st.next_refresh = scheduling.refresh_time(adopted.refreshed_at, lifetime, spec.refresh, deps.rand)
-                log.debug(
-                    "%s: resumed: holding the token in Secret %s, valid until %s, next refresh %s",
-                    st.label(),
-                    spec.target.name,
-                    format_time(adopted.expires_at),
-                    fmt(st.next_refresh),
-                )
+        if st.cluster:
+            _check_client_namespace(spec, deps)
+            for ns in [ns for ns in st.targets if ns not in st.selected]:
+                del st.targets[ns]  # left the selection: its Secret is converge.py's (deletion policy)
+            nothing_selected = not st.selected
+        looked = _look_all(st, spec, owner, deps, now)
+        if _adopt(st, spec, owner, looked, now, deps):
+            had_token = True
         reason = new_token_reason(st, now)
+        if nothing_selected:
+            reason = None  # no token is requested until a namespace is selected
+            st.next_refresh = None
         if reason and not st.force_new and st.backoff_until is not None and now < st.backoff_until:
             reason, deferred = None, True  # backing off after a failure; only a change cuts this short
         if reason and st.last_attempt_at is not None:
@@ -553,11 +618,30 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                         f"({int(spec.refresh.default_lifetime)}s)",
                         now,
                     )
-        if st.token is not None and st.token.valid(now):
-            written, wrote = _write_target(st, spec, owner, target, st.token, deps.kube)
+        if st.token is not None and st.token.valid(now) and looked:
+            held = st.token
+            if st.cluster:
+                outcomes = _each(
+                    deps, sorted(looked), lambda ns: _write_target(ns, spec, owner, looked[ns], held, deps.kube)
+                )
+            else:  # a refusal or failure is the whole credential's (raised)
+                ns = st.namespace
+                outcomes = {ns: (_write_target(ns, spec, owner, looked[ns], held, deps.kube), None)}
+            wrote_any = False
+            for ns, (result, exc) in outcomes.items():
+                t = st.targets[ns]
+                if exc is not None:
+                    _namespace_failed(t, exc, now, deps)
+                    continue
+                written, wrote = result
+                t.body, t.version = written, written.version
+                t.clear_failure()
+                wrote_any = wrote_any or wrote
+                if wrote and issued is None:
+                    restored.append(ns)
             if spec.target.data:
-                template_problems = render_templates(spec.target.data, st.token)[1]
-                if wrote and template_problems:
+                template_problems = render_templates(spec.target.data, held)[1]
+                if wrote_any and template_problems:
                     _event(
                         deps,
                         st,
@@ -566,33 +650,40 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                         "left out of Secret " + spec.target.name + ": " + "; ".join(template_problems),
                         now,
                     )
-            st.target_body = written
-            st.target_version = written.version
-            target_ok = True
-            if wrote and issued is None:
-                log.info("%s: restored Secret %s with the held token", st.label(), spec.target.name)
-                _event(
-                    deps,
-                    st,
-                    "Normal",
-                    c.EVENT_RESTORED,
-                    f"restored Secret {spec.target.name} with the held token (valid until "
-                    f"{format_time(st.token.expires_at)})",
-                    now,
-                )
+        if st.cluster:
+            counts = namespace_counts(st, now)
+            delivered = counts.provisioned > 0
+            target_ok = bool(st.selected) and counts.provisioned == counts.selected
+        else:
+            delivered = target_ok = st.namespace in looked and st.token is not None and st.token.valid(now)
+        if restored and st.token is not None:
+            where = f" in namespace(s) {_first(restored)}" if st.cluster else ""
+            log.info("%s: restored Secret %s%s with the held token", st.label(), spec.target.name, where)
+            _event(
+                deps,
+                st,
+                "Normal",
+                c.EVENT_RESTORED,
+                f"restored Secret {spec.target.name}{where} with the held token (valid until "
+                f"{format_time(st.token.expires_at)})",
+                now,
+            )
     except errors.AutoTekError as exc:
         error = error or exc
 
     now_after = deps.clock()
     token_valid = st.token is not None and st.token.valid(now_after)
+    counts = namespace_counts(st, now_after) if st.cluster else None
 
-    if issued and target_ok and st.token is not None:
+    if issued and delivered and st.token is not None:
         verb = "rotated the token" if issued == c.EVENT_ROTATED else "issued a token"
+        where = f" in {counts.provisioned}/{counts.selected} namespaces" if counts is not None else ""
         log.info(
-            "%s: %s into Secret %s, valid until %s",
+            "%s: %s into Secret %s%s, valid until %s",
             st.label(),
             verb,
             spec.target.name if spec else "?",
+            where,
             format_time(st.token.expires_at),
         )
         _event(
@@ -600,13 +691,21 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             st,
             "Normal",
             issued,
-            f"{verb} into Secret {spec.target.name if spec else '?'}; valid until "
+            f"{verb} into Secret {spec.target.name if spec else '?'}{where}; valid until "
             f"{format_time(st.token.expires_at)}, next refresh {fmt(st.next_refresh)}",
             now,
         )
 
+    if counts is not None:
+        current = frozenset((ns, r) for ns, r, _ in counts.failed)
+        if current - st.reported_failures:
+            message = counts.describe() + ". First: " + counts.failed[0][2]
+            log.warning("%s: %s", st.label(), message)
+            _event(deps, st, "Warning", c.REASON_NAMESPACES_NOT_PROVISIONED, message, now)
+        st.reported_failures = current
+
     restart: Readiness | None = None
-    rotated = issued == c.EVENT_ROTATED and target_ok
+    rotated = issued == c.EVENT_ROTATED and delivered
     if spec is None:
         st.pending_restarts = ()  # a spec that does not parse names no workloads
     elif (rotated and spec.rollout_restart_targets) or st.pending_restarts:
@@ -638,11 +737,25 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         )
         _event(deps, st, "Warning", error.reason, _failure_message(error), now)
 
-    # Readiness: True exactly while the Secret holds our unexpired token.
+    # Readiness: True exactly while the Secrets hold our unexpired token.
     target_refused = isinstance(error, errors.TargetConflict | errors.TargetNotFound)
-    if token_valid and (target_ok or (error is not None and not target_refused and st.target_version is not None)):
+    if counts is not None and error is None and nothing_selected:
+        readiness = Readiness(
+            False,
+            c.REASON_NO_NAMESPACES_SELECTED,
+            "no namespace is selected (spec.namespaceSelector, spec.namespaces); no token is requested until one is",
+        )
+    elif counts is not None and token_valid and counts.failed and not isinstance(error, errors.InvalidSpec):
+        assert st.token is not None
+        message = f"{counts.describe()}; token valid until {format_time(st.token.expires_at)}"
+        if error is not None:
+            message += f"; refresh failing ({error.reason}): {error.message}"
+        readiness = Readiness(False, c.REASON_NAMESPACES_NOT_PROVISIONED, message)
+    elif token_valid and (target_ok or (error is not None and not target_refused and st.target_version is not None)):
         assert st.token is not None
         message = f"token valid until {format_time(st.token.expires_at)}"
+        if counts is not None:
+            message += f"; Secret {spec.target.name if spec else '?'} in {counts.provisioned} namespaces"
         if template_problems:
             message += f"; template keys left out: {'; '.join(template_problems)}"
         if error is not None:
@@ -678,13 +791,19 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         "lastRefreshRequest": st.handled_refresh_request,
         "pendingRestarts": _owed_to_status(st.pending_restarts),
     }
+    if counts is not None:
+        desired_status["namespaces"] = counts.status()
+        desired_status["failedNamespaces"] = counts.failed_status()
     if tok is not None:
         st.handled_generation = tok.generation
         st.issued_client_version = tok.client_version
     patch = status_patch(st.status, desired_status)
     if patch:
         try:
-            deps.kube.patch_credential_status(st.namespace, st.name, patch)
+            if st.cluster:
+                deps.kube.patch_cluster_credential_status(st.name, patch)
+            else:
+                deps.kube.patch_credential_status(st.namespace, st.name, patch)
         except errors.AutoTekError as exc:
             log.warning("%s: could not update status: %s", st.label(), exc.message)
             # Keep the old view so that the next pass tries the patch again.

@@ -51,6 +51,50 @@ class ClientSecretRef:
     name: str
     client_id_key: str = c.DEFAULT_CLIENT_ID_KEY
     client_secret_key: str = c.DEFAULT_CLIENT_SECRET_KEY
+    #: ClusterAutoTekCredential only: the client Secret's namespace (None: the credential's own).
+    namespace: str | None = None
+
+
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One matchExpressions entry of a label selector."""
+
+    key: str
+    operator: str
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        if self.operator == "NotIn":
+            return labels.get(self.key) not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        return self.key not in labels  # DoesNotExist
+
+
+@dataclass(frozen=True)
+class NamespaceSelection:
+    """Which namespaces a ClusterAutoTekCredential writes into: those its label selector matches,
+    and those it lists (the union). A selector with no terms matches every namespace, as a
+    Kubernetes label selector does; no selector at all matches none."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    expressions: tuple[Requirement, ...] = ()
+    has_selector: bool = False
+    names: frozenset[str] = frozenset()
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if namespace in self.names:
+            return True
+        if not self.has_selector:
+            return False
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.matches(labels) for r in self.expressions
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +141,8 @@ class CredentialSpec:
     ca_bundle: str = ""
     refresh: Refresh = field(default_factory=Refresh)
     rollout_restart_targets: tuple[RestartTarget, ...] = ()
+    #: ClusterAutoTekCredential only: the namespaces it writes into.
+    namespaces: NamespaceSelection | None = None
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -162,17 +208,106 @@ def _token_url(value: str) -> str:
     return value
 
 
-def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
-    """Turn a raw ``spec`` (as the API returns it) into a CredentialSpec, or raise InvalidSpec."""
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}")
+_LABEL_VALUE = re.compile(rf"({_LABEL_NAME})?")
+#: At most this many names in spec.namespaces (the CRD says the same).
+MAX_NAMESPACES = 1000
+
+
+def _namespace_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
+        raise InvalidSpec(f"{where} {value!r} is not a valid namespace name (a DNS label: lower case, digits, '-')")
+    return value
+
+
+def _label_key(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > 317 or not _LABEL_KEY.fullmatch(value):
+        raise InvalidSpec(f"{where} {value!r} is not a valid label key")
+    return value
+
+
+def _label_value(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+        raise InvalidSpec(f"{where} {value!r} is not a valid label value")
+    return value
+
+
+def parse_selection(s: Mapping[str, Any]) -> NamespaceSelection:
+    """``spec.namespaceSelector`` and ``spec.namespaces`` of a ClusterAutoTekCredential."""
+    raw_selector = s.get("namespaceSelector")
+    raw_names = s.get("namespaces")
+    if raw_selector is None and raw_names is None:
+        raise InvalidSpec("spec.namespaceSelector or spec.namespaces is required")
+    names: set[str] = set()
+    if raw_names is not None:
+        if not isinstance(raw_names, list):
+            raise InvalidSpec("spec.namespaces must be a list of namespace names")
+        if len(raw_names) > MAX_NAMESPACES:
+            raise InvalidSpec(f"spec.namespaces lists more than {MAX_NAMESPACES} namespaces")
+        names = {_namespace_name(n, f"spec.namespaces[{i}]") for i, n in enumerate(raw_names)}
+    if raw_selector is None:
+        return NamespaceSelection(names=frozenset(names))
+    sel = _mapping(raw_selector, "spec.namespaceSelector")
+    unknown = sorted(set(sel) - {"matchLabels", "matchExpressions"})
+    if unknown:
+        raise InvalidSpec(f"spec.namespaceSelector has unknown field(s) {', '.join(map(str, unknown))}")
+    labels = _string_map(sel.get("matchLabels"), "spec.namespaceSelector.matchLabels")
+    for k, v in labels.items():
+        _label_key(k, "spec.namespaceSelector.matchLabels key")
+        _label_value(v, f"spec.namespaceSelector.matchLabels[{k}]")
+    raw_expr = sel.get("matchExpressions")
+    if raw_expr is None:
+        raw_expr = []
+    if not isinstance(raw_expr, list):
+        raise InvalidSpec("spec.namespaceSelector.matchExpressions must be a list")
+    expressions = []
+    for i, item in enumerate(raw_expr):
+        where = f"spec.namespaceSelector.matchExpressions[{i}]"
+        m = _mapping(item, where)
+        key = _label_key(m.get("key"), f"{where}.key")
+        op = _enum(_string(m, "operator", where), SELECTOR_OPERATORS, f"{where}.operator")
+        values = m.get("values")
+        if values is None:
+            values = []
+        if not isinstance(values, list):
+            raise InvalidSpec(f"{where}.values must be a list")
+        if op in ("In", "NotIn") and not values:
+            raise InvalidSpec(f"{where}: operator {op} needs at least one value")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise InvalidSpec(f"{where}: operator {op} takes no values")
+        expressions.append(
+            Requirement(key, op, frozenset(_label_value(v, f"{where}.values[{j}]") for j, v in enumerate(values)))
+        )
+    return NamespaceSelection(
+        match_labels=tuple(sorted(labels.items())),
+        expressions=tuple(expressions),
+        has_selector=True,
+        names=frozenset(names),
+    )
+
+
+def parse_spec(spec: Any, *, name: str, cluster: bool = False) -> CredentialSpec:
+    """Turn a raw ``spec`` (as the API returns it) into a CredentialSpec, or raise InvalidSpec.
+
+    ``cluster``: the spec of a ClusterAutoTekCredential (clientSecretRef.namespace, the namespace
+    selection, no rolloutRestartTargets)."""
     s = _mapping(spec, "spec")
 
     ref_raw = s.get("clientSecretRef")
     if ref_raw is None:
         raise InvalidSpec("spec.clientSecretRef is required")
     ref = _mapping(ref_raw, "spec.clientSecretRef")
-    if "namespace" in ref:
+    client_namespace: str | None = None
+    if cluster:
+        client_namespace = _namespace_name(
+            _string(ref, "namespace", "spec.clientSecretRef"), "spec.clientSecretRef.namespace"
+        )
+    elif "namespace" in ref:
         raise InvalidSpec("spec.clientSecretRef has no namespace field: the Secret must be in the same namespace")
     client_secret_ref = ClientSecretRef(
+        namespace=client_namespace,
         name=_dns_name(_string(ref, "name", "spec.clientSecretRef"), "spec.clientSecretRef.name"),
         client_id_key=_secret_key(
             _string(ref, "clientIdKey", "spec.clientSecretRef", c.DEFAULT_CLIENT_ID_KEY),
@@ -245,6 +380,8 @@ def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
     restart_raw = s.get("rolloutRestartTargets")
     if restart_raw is None:
         restart_raw = []
+    if cluster and restart_raw:
+        raise InvalidSpec("spec.rolloutRestartTargets is not supported by ClusterAutoTekCredential")
     if not isinstance(restart_raw, list):
         raise InvalidSpec("spec.rolloutRestartTargets must be a list")
     restarts = []
@@ -268,4 +405,5 @@ def parse_spec(spec: Any, *, name: str) -> CredentialSpec:
         ca_bundle=ca_bundle,
         refresh=refresh,
         rollout_restart_targets=tuple(restarts),
+        namespaces=parse_selection(s) if cluster else None,
     )

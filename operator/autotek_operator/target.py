@@ -17,14 +17,33 @@ from .timefmt import format_time, parse_time
 
 @dataclass(frozen=True)
 class Owner:
-    """The AutoTekCredential a target Secret belongs to, and the scope of the operator writing for it."""
+    """The credential a target Secret belongs to, and the scope of the operator writing for it."""
 
+    #: The credential's namespace ("" for a ClusterAutoTekCredential).
     namespace: str
     name: str
     uid: str
     #: AUTOTEK_CREDENTIAL_SELECTOR of the operator that writes the Secret, recorded on it so that
     #: only an operator of the same scope ever cleans it up once the credential is gone.
     selector: str = ""
+    #: AutoTekCredential or ClusterAutoTekCredential.
+    kind: str = c.KIND
+
+    @property
+    def cluster(self) -> bool:
+        return self.kind == c.CLUSTER_KIND
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+def claimant(secret: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(kind, name) of the credential a Secret's annotations say it was written for, if any."""
+    annotations = _meta(secret).get("annotations") or {}
+    name = annotations.get(c.ANN_CREDENTIAL)
+    if name is None:
+        return None
+    return (annotations.get(c.ANN_CREDENTIAL_KIND) or c.KIND, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +182,14 @@ def token_data(token: HeldToken, templates: Sequence[tuple[str, str]] = ()) -> d
 
 
 def token_annotations(owner: Owner, token: HeldToken) -> dict[str, str]:
-    return {
+    out = {
         c.ANN_CREDENTIAL: owner.name,
         c.ANN_EXPIRES_AT: format_time(token.expires_at),
         c.ANN_REFRESHED_AT: format_time(token.refreshed_at),
     }
+    if owner.cluster:
+        out[c.ANN_CREDENTIAL_KIND] = owner.kind
+    return out
 
 
 def template_keys(spec: CredentialSpec) -> list[str]:
@@ -199,6 +221,7 @@ def our_annotations(spec: CredentialSpec, owner: Owner, token: HeldToken) -> dic
 #: Every annotation the operator may have written on a target Secret (removed when it is unmerged).
 OUR_ANNOTATIONS = (
     c.ANN_CREDENTIAL,
+    c.ANN_CREDENTIAL_KIND,
     c.ANN_EXPIRES_AT,
     c.ANN_REFRESHED_AT,
     c.ANN_CREATION_POLICY,
@@ -211,7 +234,7 @@ OUR_ANNOTATIONS = (
 def owner_reference(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": c.API_VERSION,
-        "kind": c.KIND,
+        "kind": owner.kind,
         "name": owner.name,
         "uid": owner.uid,
         "controller": True,
@@ -234,10 +257,8 @@ def is_ours(secret: Mapping[str, Any], owner: Owner) -> bool:
     ref = _controller_ref(secret)
     if ref is not None:
         return ref.get("uid") == owner.uid
-    meta = _meta(secret)
-    labels = meta.get("labels") or {}
-    annotations = meta.get("annotations") or {}
-    return labels.get(c.LABEL_MANAGED_BY) == c.MANAGER and annotations.get(c.ANN_CREDENTIAL) == owner.name
+    labels = _meta(secret).get("labels") or {}
+    return labels.get(c.LABEL_MANAGED_BY) == c.MANAGER and claimant(secret) == (owner.kind, owner.name)
 
 
 def check_target(secret: Mapping[str, Any] | None, spec: CredentialSpec, owner: Owner) -> None:
@@ -248,13 +269,12 @@ def check_target(secret: Mapping[str, Any] | None, spec: CredentialSpec, owner: 
         return
     name = spec.target.name
     stype = secret.get("type") or "Opaque"
-    annotations = _meta(secret).get("annotations") or {}
-    claimed_by = annotations.get(c.ANN_CREDENTIAL)
+    claimed = claimant(secret)
     if spec.target.creation_policy == CREATION_MERGE:
         if stype != "Opaque":
             raise TargetConflict(f"Secret {name} has type {stype}; only Opaque Secrets can take a token")
-        if claimed_by not in (None, owner.name):
-            raise TargetConflict(f"Secret {name} is already managed by AutoTekCredential {claimed_by}")
+        if claimed not in (None, (owner.kind, owner.name)):
+            raise TargetConflict(f"Secret {name} is already managed by {claimed[0]} {claimed[1]}")
         ref = _controller_ref(secret)
         if ref is not None and ref.get("uid") != owner.uid:
             raise TargetConflict(
@@ -265,8 +285,8 @@ def check_target(secret: Mapping[str, Any] | None, spec: CredentialSpec, owner: 
         ref = _controller_ref(secret)
         if ref is not None:
             who = f"{ref.get('kind')} {ref.get('name')}"
-        elif claimed_by:
-            who = f"AutoTekCredential {claimed_by}"
+        elif claimed:
+            who = f"{claimed[0]} {claimed[1]}"
         else:
             who = "someone else"
         raise TargetConflict(
@@ -282,8 +302,10 @@ def desired_secret(
     spec: CredentialSpec,
     owner: Owner,
     token: HeldToken,
+    namespace: str | None = None,
 ) -> dict[str, Any]:
-    """The whole target Secret (Owner policy) as it must be after a write.
+    """The whole target Secret (Owner policy) in ``namespace`` (default: the owner's) as it must be
+    after a write.
 
     Labels and annotations that others added to an owned Secret are kept; ours win on a clash.
     Data is exactly the token keys."""
@@ -292,7 +314,7 @@ def desired_secret(
     annotations = {**(meta.get("annotations") or {}), **spec.target.annotations, **our_annotations(spec, owner, token)}
     metadata: dict[str, Any] = {
         "name": spec.target.name,
-        "namespace": owner.namespace,
+        "namespace": namespace or owner.namespace,
         "labels": labels,
         "annotations": annotations,
     }
@@ -386,7 +408,7 @@ def held_from_secret(secret: Mapping[str, Any] | None, owner: Owner) -> HeldToke
         return None
     meta = _meta(secret)
     annotations = meta.get("annotations") or {}
-    if annotations.get(c.ANN_CREDENTIAL) != owner.name:
+    if claimant(secret) != (owner.kind, owner.name):
         return None
     data = secret.get("data") or {}
     access_token = unb64(data.get(c.KEY_ACCESS_TOKEN))

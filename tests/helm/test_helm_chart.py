@@ -207,14 +207,20 @@ def test_the_settings_reach_the_operator() -> None:
 
 
 def test_namespaced_mode_has_no_cluster_wide_permissions() -> None:
+    """No cluster-wide permission on Secrets: only the read-only ClusterRole for cluster credentials
+    and namespaces (and their status) stays."""
     docs = template(set_values={"watchNamespaces": ["shop", "billing"]})
-    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    clusterwide_docs = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert {d["metadata"]["name"] for d in clusterwide_docs} == {"autotek-operator-cluster-credentials"}
+    small = only(docs, "ClusterRole", "autotek-operator-cluster-credentials")
+    assert {r for rule in small["rules"] for r in rule["resources"]} == {
+        "clusterautotekcredentials", "clusterautotekcredentials/status", "namespaces"}
     roles = {d["metadata"]["namespace"]: d for d in docs
              if d["kind"] == "Role" and d["metadata"]["name"] == "autotek-operator"}
     bindings = {d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"
                 and d["metadata"]["name"] == "autotek-operator"}
     assert set(roles) == bindings == {"shop", "billing"}
-    clusterwide = only(template(), "ClusterRole")
+    clusterwide = only(template(), "ClusterRole", "autotek-operator")
     assert all(role["rules"] == clusterwide["rules"] for role in roles.values())
     assert env_of(docs)["AUTOTEK_NAMESPACES"] == "shop,billing"
 
@@ -222,9 +228,10 @@ def test_namespaced_mode_has_no_cluster_wide_permissions() -> None:
 def test_rollout_restart_rbac_follows_the_switch() -> None:
     rule = {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "daemonsets"],
             "verbs": ["get", "patch"]}
-    assert rule not in only(template(), "ClusterRole")["rules"]
+    assert rule not in only(template(), "ClusterRole", "autotek-operator")["rules"]
     docs = template(values_files=helmkit.variant_values("rollout-restart"))
-    assert rule in only(docs, "ClusterRole")["rules"] and env_of(docs)["AUTOTEK_ROLLOUT_RESTART"] == "true"
+    assert rule in only(docs, "ClusterRole", "autotek-operator")["rules"]
+    assert env_of(docs)["AUTOTEK_ROLLOUT_RESTART"] == "true"
     namespaced = template(set_values={"rolloutRestart.enabled": True, "watchNamespaces": ["shop"]})
     assert rule in only(namespaced, "Role", "autotek-operator")["rules"]
 
@@ -258,7 +265,7 @@ def test_pod_values_render() -> None:
     account = only(docs, "ServiceAccount")
     assert spec["serviceAccountName"] == account["metadata"]["name"] == "robot"
     assert account["metadata"]["annotations"] == {"iam": "role"}
-    assert only(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "robot"
+    assert only(docs, "ClusterRoleBinding", "autotek-operator")["subjects"][0]["name"] == "robot"
 
 
 def test_the_pod_meets_pod_security_restricted() -> None:

@@ -407,7 +407,8 @@ def test_2_install_then_the_operator_runs_with_only_the_charts_rbac(env: Env) ->
         core = kubernetes.client.CoreV1Api(api)
         # The identity is not admin: what the chart does not grant is refused.
         assert call_status(core.list_namespaced_config_map, app) == 403
-        assert call_status(core.list_namespace) == 403
+        assert call_status(core.list_config_map_for_all_namespaces) == 403
+        assert call_status(core.list_namespace) == 200  # ClusterAutoTekCredentials' namespace selectors
         assert call_status(core.list_secret_for_all_namespaces) == 200
 
         env.credential(app)
@@ -477,8 +478,10 @@ def test_3_namespaced_values_only_the_charts_roles(env: Env) -> None:
     watched, unwatched = ["helm-a", "helm-b"], "helm-c"
     with release(env, {"watchNamespaces": watched}, namespaces=[*watched, unwatched]) as operators:
         docs = env.manifest()
+        # The one cluster-wide grant: read ClusterAutoTekCredentials (and patch their status) and namespaces.
         cluster_rbac = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
-                        if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+                        if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
+                        and d["metadata"]["name"] != "autotek-operator-cluster-credentials"]
         assert not cluster_rbac, f"namespaced mode installed cluster-wide RBAC: {cluster_rbac}"
         roles = {d["metadata"].get("namespace") for d in docs if d["kind"] == "Role"}
         assert set(watched) <= roles, f"Roles in {roles}"
@@ -584,6 +587,9 @@ UNINSTALL_VARIANTS = [
 ]
 
 
+CRD_PREFIX = "customresourcedefinition.apiextensions.k8s.io/"
+
+
 @pytest.mark.parametrize(("values", "watched"), UNINSTALL_VARIANTS)
 def test_5_uninstall_keeps_the_crd_and_credentials_and_removes_the_rest(
     env: Env, values: dict[str, Any], watched: list[str]
@@ -610,7 +616,8 @@ def test_5_uninstall_keeps_the_crd_and_credentials_and_removes_the_rest(
 
         def nothing_left() -> bool:
             workloads = env.kubectl.json("get", "replicasets,pods", "-n", NAMESPACE) or {}
-            left[:] = [n for n in env.existing(docs) if n != crd_ref]
+            # The CRDs stay (both kinds: crds.keep), the credentials with them.
+            left[:] = [n for n in env.existing(docs) if n != crd_ref and not n.startswith(CRD_PREFIX)]
             left.extend(f"{o['kind']}/{o['metadata']['name']}" for o in workloads.get("items", []))
             return not left
 

@@ -39,18 +39,28 @@ BASE_KINDS = {
     "Deployment",
     "Service",
 }
-#: The overlay: no cluster-wide RBAC, a Role and RoleBinding per watched namespace instead.
-OVERLAY_KINDS = (BASE_KINDS - {"ClusterRole", "ClusterRoleBinding"}) | {"Role", "RoleBinding"}
+#: How many of a kind the base holds, where it is not one: the two CRDs (AutoTekCredential and
+#: ClusterAutoTekCredential) and two ClusterRoles with their bindings (the operator's, and the read-only
+#: one for cluster credentials and namespaces).
+BASE_COUNTS = {"CustomResourceDefinition": 2, "ClusterRole": 2, "ClusterRoleBinding": 2}
+#: The ClusterRole (and binding) the namespaced overlay keeps: nothing on Secrets.
+CLUSTER_CREDENTIALS_ROLE = "autotek-operator-cluster-credentials"
+#: The overlay: no cluster-wide RBAC on Secrets, a Role and RoleBinding per watched namespace instead
+#: (it keeps the read-only ClusterRole for cluster credentials and namespaces).
+OVERLAY_KINDS = BASE_KINDS | {"Role", "RoleBinding"}
 #: Kinds the base may also hold (e.g. the leader-election Role and RoleBinding in autotek-system).
 BASE_OPTIONAL_KINDS = {"Role", "RoleBinding"}
 EXAMPLE_NAMESPACE = "shop"
 
 
 def _is_per_namespace_rbac(doc: mc.Doc, watched: list[str]) -> bool:
+    """A watched namespace's Role or RoleBinding, or the Events one in the operator's namespace."""
     meta = doc["metadata"]
-    return (
-        doc["kind"] in ("Role", "RoleBinding") and meta["name"] == mc.OPERATOR_NAME and meta.get("namespace") in watched
-    )
+    if doc["kind"] not in ("Role", "RoleBinding"):
+        return False
+    if meta["name"] == mc.OPERATOR_NAME + "-events":
+        return meta.get("namespace") == mc.OPERATOR_NAMESPACE
+    return meta["name"] == mc.OPERATOR_NAME and meta.get("namespace") in watched
 
 
 def test_base_renders_expected_kinds(base_docs: list[mc.Doc]) -> None:
@@ -58,13 +68,16 @@ def test_base_renders_expected_kinds(base_docs: list[mc.Doc]) -> None:
     assert set(kinds) >= BASE_KINDS, f"missing: {BASE_KINDS - set(kinds)}"
     unexpected = set(kinds) - BASE_KINDS - BASE_OPTIONAL_KINDS
     assert not unexpected, f"unexpected kinds: {unexpected}"
-    assert all(kinds[k] == 1 for k in BASE_KINDS), kinds
+    assert all(kinds[k] == BASE_COUNTS.get(k, 1) for k in BASE_KINDS), kinds
 
 
 def test_overlay_renders_expected_kinds(overlay_docs: list[mc.Doc]) -> None:
     kinds = Counter(d["kind"] for d in overlay_docs)
     assert set(kinds) == OVERLAY_KINDS, f"missing {OVERLAY_KINDS - set(kinds)}, unexpected {set(kinds) - OVERLAY_KINDS}"
-    assert all(kinds[k] == 1 for k in OVERLAY_KINDS - {"Role", "RoleBinding"}), kinds
+    assert all(kinds[k] == BASE_COUNTS.get(k, 1) - (k in ("ClusterRole", "ClusterRoleBinding"))
+               for k in OVERLAY_KINDS - {"Role", "RoleBinding"}), kinds
+    cluster_wide = {d["metadata"]["name"] for d in overlay_docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")}
+    assert cluster_wide == {CLUSTER_CREDENTIALS_ROLE}
 
 
 def test_namespaced_objects_are_in_operator_namespace(rendered: list[mc.Doc]) -> None:
@@ -135,7 +148,7 @@ def test_overlay_changes_only_rbac_and_watched_namespaces(base_docs: list[mc.Doc
     """Everything else of the base (e.g. a leader-election Role in autotek-system) is kept as is."""
     base = mc.index(base_docs)
     overlay = mc.index(overlay_docs)
-    deleted = {k for k in base if k[1] in ("ClusterRole", "ClusterRoleBinding")}
+    deleted = {k for k in base if k[1] in ("ClusterRole", "ClusterRoleBinding") and mc.OPERATOR_NAME in k}
     assert deleted, "the base has no ClusterRole/ClusterRoleBinding to delete"
     assert not deleted & set(overlay), "the overlay must delete the ClusterRole and ClusterRoleBinding"
     assert set(base) - deleted <= set(overlay), f"the overlay lost {set(base) - deleted - set(overlay)}"

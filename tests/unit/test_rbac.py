@@ -11,6 +11,12 @@ from autotek_operator import handlers, kube
 
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "base" / "rbac.yaml"
 LEASES = ("coordination.k8s.io", "leases")
+#: Cluster-scoped reads for ClusterAutoTekCredentials: their own ClusterRole, kept in namespaced mode.
+CLUSTER_CREDENTIALS = {
+    ("autotek.io", "clusterautotekcredentials"),
+    ("autotek.io", "clusterautotekcredentials/status"),
+    ("", "namespaces"),
+}
 
 Triple = tuple[str, str, str]
 
@@ -51,12 +57,24 @@ def test_code_declares_calls() -> None:
     assert own == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
 
+def cluster_role(name: str) -> dict[str, Any]:
+    (role,) = [d for d in by_kind("ClusterRole") if d["metadata"]["name"] == name]
+    return role
+
+
 def test_cluster_role_matches_code_exactly() -> None:
     cluster, _ = code_calls()
-    (role,) = by_kind("ClusterRole")
-    have = granted(role["rules"])
+    cluster = {c for c in cluster if (c[0], c[1]) not in CLUSTER_CREDENTIALS}
+    have = granted(cluster_role("autotek-operator")["rules"])
     assert sorted(cluster - have) == [], "calls the ClusterRole does not grant"
     assert sorted(have - cluster) == [], "grants the code never uses"
+
+
+def test_cluster_credentials_role_matches_code_exactly() -> None:
+    cluster, _ = code_calls()
+    want = {c for c in cluster if (c[0], c[1]) in CLUSTER_CREDENTIALS}
+    assert ("", "namespaces", "watch") in want and ("autotek.io", "clusterautotekcredentials/status", "patch") in want
+    assert granted(cluster_role("autotek-operator-cluster-credentials")["rules"]) == want
 
 
 def test_leader_election_role_matches_code_exactly() -> None:
@@ -90,8 +108,9 @@ def test_rollout_restart_component_adds_exactly_its_calls() -> None:
         check=True, capture_output=True, text=True,
     ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "autotek-operator"]
     cluster, _ = code_calls()
+    cluster = {c for c in cluster if (c[0], c[1]) not in CLUSTER_CREDENTIALS}
     assert granted(role["rules"]) == cluster | kube.OPTIONAL_API_CALLS["rollout-restart"]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -99,5 +118,5 @@ def test_rollout_restart_component_adds_exactly_its_calls() -> None:
 
 
 def test_optional_calls_are_not_in_the_base_role() -> None:
-    (role,) = by_kind("ClusterRole")
+    role = cluster_role("autotek-operator")
     assert not granted(role["rules"]) & kube.OPTIONAL_API_CALLS["rollout-restart"]
