@@ -32,7 +32,7 @@ from .leader import FOLLOWING, LEADING, LeaderElector
 from .reconcile import Deps
 from .runtime import Runtime
 from .token_client import SharedTokens, TokenClient
-from .watch import CredentialWatch, ListWatch, SecretWatch
+from .watch import ClusterCredentialWatch, CredentialWatch, ListWatch, NamespaceWatch, SecretWatch
 
 log = logging.getLogger("autotek_operator")
 
@@ -116,8 +116,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rollout_restart=s.rollout_restart,
         restart_min_interval=float(s.restart_min_interval),
         selector=s.credential_selector,
+        cluster_client_namespaces=frozenset(s.cluster_credential_namespaces),
+        event_namespace=s.operator_namespace,
     )
     runtime = STATE.runtime = Runtime(deps, workers=s.workers)
+    runtime.cluster_kind = True
     runtime.confirm_deletions = bool(s.credential_selector)
     if s.leader_election:
         runtime.active = False
@@ -139,7 +142,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     scopes: tuple[str | None, ...] = tuple(s.namespaces) or (None,)
     runtime.secret_scopes = set(scopes)
     # One connection per watch thread, apart from the workers' pool.
-    watch_api = kube.load_api_client(pool_size=2 * len(scopes))
+    watch_api = kube.load_api_client(pool_size=2 * len(scopes) + 2)
     common: dict[str, Any] = {"deliver": asyncio.get_running_loop().call_soon_threadsafe, "timeout": s.watch_timeout}
     STATE.watches = (
         CredentialWatch(
@@ -157,10 +160,24 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             on_listed=runtime.on_secrets_listed,
             **common,
         ),
+        ClusterCredentialWatch(
+            CustomObjectsApi(watch_api),
+            on_events=runtime.on_cluster_credential_events,
+            on_listed=runtime.on_cluster_credentials_listed,
+            label_selector=s.credential_selector,
+            **common,
+        ),
+        NamespaceWatch(
+            CoreV1Api(watch_api),
+            on_events=runtime.on_namespace_events,
+            on_listed=runtime.on_namespaces_listed,
+            **common,
+        ),
     )
     for watch in STATE.watches:
         watch.start()
     metrics.report_credentials(runtime.credential_samples)
+    metrics.report_cluster_namespaces(runtime.cluster_namespace_samples)
     metrics.serve(s.metrics_port)
     if s.health_port:
         STATE.probes = await health.serve(s.health_port, live=live, ready=ready)

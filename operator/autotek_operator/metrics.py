@@ -119,6 +119,51 @@ def report_credentials(source: Callable[[], Iterable[CredentialSample]]) -> None
         _collector.source = source
 
 
+#: (name, selected, provisioned, failed) of each ClusterAutoTekCredential reported.
+ClusterNamespacesSample = tuple[str, float, float, float]
+
+
+class ClusterNamespacesCollector:
+    """``autotek_cluster_credential_namespaces{name, state}``: a ClusterAutoTekCredential's selected,
+    provisioned and failed namespaces, built at scrape time like the per-credential series (its
+    expiry and readiness are among those, with namespace="")."""
+
+    def __init__(self, source: Callable[[], Iterable[ClusterNamespacesSample]]) -> None:
+        self.source = source
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "autotek_cluster_credential_namespaces",
+            "Namespaces of a ClusterAutoTekCredential: selected, provisioned (the Secret holds the current "
+            "token) and failed.",
+            labels=["name", "state"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for name, selected, provisioned, failed in self.source():
+            family.add_metric([name, "selected"], selected)
+            family.add_metric([name, "provisioned"], provisioned)
+            family.add_metric([name, "failed"], failed)
+        yield family
+
+
+_cluster_collector: ClusterNamespacesCollector | None = None
+
+
+def report_cluster_namespaces(source: Callable[[], Iterable[ClusterNamespacesSample]]) -> None:
+    """Export ``autotek_cluster_credential_namespaces`` from ``source`` (replaces any previous source)."""
+    global _cluster_collector
+    if _cluster_collector is None:
+        _cluster_collector = ClusterNamespacesCollector(source)
+        REGISTRY.register(_cluster_collector)
+    else:
+        _cluster_collector.source = source
+
+
 def serve(port: int) -> None:
     """Serve /metrics on all interfaces at ``port`` (0: not at all)."""
     if port:

@@ -628,10 +628,10 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                 ns = st.namespace
                 outcomes = {ns: (_write_target(ns, spec, owner, looked[ns], held, deps.kube), None)}
             wrote_any = False
-            for ns, (result, exc) in outcomes.items():
+            for ns, (result, failure) in outcomes.items():
                 t = st.targets[ns]
-                if exc is not None:
-                    _namespace_failed(t, exc, now, deps)
+                if failure is not None:
+                    _namespace_failed(t, failure, now, deps)
                     continue
                 written, wrote = result
                 t.body, t.version = written, written.version
@@ -651,9 +651,9 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                         now,
                     )
         if st.cluster:
-            counts = namespace_counts(st, now)
-            delivered = counts.provisioned > 0
-            target_ok = bool(st.selected) and counts.provisioned == counts.selected
+            so_far = namespace_counts(st, now)
+            delivered = so_far.provisioned > 0
+            target_ok = bool(st.selected) and so_far.provisioned == so_far.selected
         else:
             delivered = target_ok = st.namespace in looked and st.token is not None and st.token.valid(now)
         if restored and st.token is not None:

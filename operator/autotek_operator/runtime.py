@@ -1,15 +1,21 @@
 """One scheduler for all credentials: a heap of due times, a bounded worker pool.
 
 Idle credentials cost nothing but a heap entry: no task, thread or timer per credential, and
-no wake-up until the earliest due time. Watch events (credentials and Secrets) only update
-in-memory state and move due times; the blocking work of a pass (Kubernetes API, token
+no wake-up until the earliest due time. Watch events (credentials, Secrets, namespaces) only
+update in-memory state and move due times; the blocking work of a pass (Kubernetes API, token
 endpoint) runs in a fixed-size thread pool, one pass per credential at a time.
+
+Both kinds go through the same state, indexes and pass. A ClusterAutoTekCredential has the key
+("", name); the runtime keeps which namespaces its selector selects (from the namespace watch),
+which of them an older cluster credential keeps the Secret in, and indexes its target Secret in
+every one of them, so that a Secret event or a namespace entering the selection schedules a pass
+that only writes (no token request while the held token is good). A namespace that leaves the
+selection is, for that namespace, a credential that is gone: converge.py's rule handles it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import heapq
 import itertools
 import logging
@@ -20,9 +26,11 @@ from typing import Any
 
 from . import constants as c
 from . import converge, metrics
-from .errors import AutoTekError
+from .errors import AutoTekError, InvalidSpec
 from .kube import Conflict
-from .reconcile import UNKNOWN, CredentialState, Deps, cleanup_deleted, run_pass
+from .reconcile import Deps, cleanup_deleted, run_pass
+from .spec import NamespaceSelection, parse_spec
+from .state import UNKNOWN, CredentialState
 from .status import find_condition
 from .target import trim_secret, unmerge_patch
 
@@ -33,6 +41,8 @@ Change = Callable[[CredentialState], bool]
 
 #: After an unexpected error in a pass, try that credential again after this long.
 CRASH_RETRY_SECONDS = 60.0
+#: The namespace part of a ClusterAutoTekCredential's key (no namespace is called "").
+CLUSTER = ""
 
 
 def _secret_refs(namespace: str, name: str, spec: Mapping[str, Any]) -> tuple[Key | None, Key]:
@@ -54,7 +64,7 @@ class Runtime:
         self.states: dict[Key, CredentialState] = {}
         self.client_index: dict[Key, set[Key]] = {}
         self.target_index: dict[Key, set[Key]] = {}
-        self.refs: dict[Key, tuple[Key | None, Key]] = {}
+        self.refs: dict[Key, tuple[Key | None, frozenset[Key]]] = {}
         #: resourceVersion of every Secret seen on the watch (to spot changes made while down).
         self.secret_versions: dict[Key, str] = {}
         #: Namespaces (None: all) whose Secrets have been listed completely at least once; once
@@ -80,6 +90,12 @@ class Runtime:
         self._due: dict[Key, float] = {}
         self._seq = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autotek-worker")
+        #: The namespaces' reads and writes of a cluster credential's pass, concurrently; a pool of
+        #: their own, so that a pass waiting for them never waits for a pass's worker.
+        self._writers: ThreadPoolExecutor | None = None
+        if deps.fan_out is None:
+            self._writers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autotek-writer")
+            deps.fan_out = self._writers
         self._slots: asyncio.Semaphore | None = None
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -87,6 +103,19 @@ class Runtime:
         self.passes = 0
         #: Whether this replica runs passes (False while another replica leads).
         self.active = True
+        #: Whether ClusterAutoTekCredentials and namespaces are watched (readiness and convergence
+        #: then wait for their lists too).
+        self.cluster_kind = False
+        self.namespaces_listed = False
+        self.cluster_listed = False
+        #: Every namespace that exists and is not Terminating: its labels (all that is kept of it).
+        self.namespace_labels: dict[str, dict[str, str]] = {}
+        #: Per ClusterAutoTekCredential: its parsed selection (None: the spec is invalid), the
+        #: namespaces it selects now, and those of them where an older one keeps the Secret.
+        self.selections: dict[Key, NamespaceSelection | None] = {}
+        self.selected: dict[Key, frozenset[str]] = {}
+        self.yielded: dict[Key, dict[str, str]] = {}
+        self._reach_reported: set[Key] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -106,15 +135,22 @@ class Runtime:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._writers is not None:
+            self._writers.shutdown(wait=False, cancel_futures=True)
 
     def running(self) -> bool:
         """Whether the scheduler loop is alive (started and not ended)."""
         return self._loop_task is not None and not self._loop_task.done()
 
     def watches_listed(self) -> bool:
-        """Whether the credentials and Secrets of every watched namespace have been listed."""
+        """Whether the credentials and Secrets of every watched namespace (and, with the cluster
+        kind, the cluster credentials and the namespaces) have been listed."""
         scopes = self.secret_scopes
-        return bool(scopes) and scopes <= self.listed_scopes and scopes <= self.listed_credential_scopes
+        listed = bool(scopes) and scopes <= self.listed_scopes and scopes <= self.listed_credential_scopes
+        return listed and self._cluster_lists_complete()
+
+    def _cluster_lists_complete(self) -> bool:
+        return not self.cluster_kind or (self.namespaces_listed and self.cluster_listed)
 
     def set_active(self, active: bool) -> None:
         """Lead (run passes) or follow (only keep watch state warm)."""
@@ -143,6 +179,19 @@ class Runtime:
             return []
         states = tuple(self.states.values())  # a copy taken without running Python code
         return [_sample(st) for st in states if st.status or st.token is not None]
+
+    def cluster_namespace_samples(self) -> list[metrics.ClusterNamespacesSample]:
+        """Per ClusterAutoTekCredential: (name, selected, provisioned, failed), as in its status."""
+        if not self.active:
+            return []
+        out = []
+        for st in tuple(self.states.values()):
+            counts = st.status.get("namespaces") if st.cluster else None
+            if isinstance(counts, Mapping):
+                values = [counts.get(k) for k in ("selected", "provisioned", "failed")]
+                selected, provisioned, failed = (float(v) if isinstance(v, int) else 0.0 for v in values)
+                out.append((st.name, selected, provisioned, failed))
+        return out
 
     def stats(self) -> dict[str, int]:
         return {
@@ -184,6 +233,8 @@ class Runtime:
                 del self._due[key]
                 if key not in self.states:
                     continue
+                if key[0] == CLUSTER and not self.namespaces_listed:
+                    continue  # every cluster credential gets a pass once the namespaces are listed
                 if key in self.inflight:
                     self.pending.setdefault(key, []).append(lambda st: True)
                     continue
@@ -208,7 +259,7 @@ class Runtime:
         try:
             if live is None:
                 return
-            snapshot = copy.copy(live)
+            snapshot = live.copy_for_pass()
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._executor, run_pass, snapshot, self.deps)
             self.passes += 1
@@ -256,7 +307,9 @@ class Runtime:
         credentials, and clean up after those that are gone (confirmed by a read, on a worker)."""
         if not self.active or not self.running():
             return  # the leader converges; a new leader does when it takes over
-        wanted = {key: frozenset((key[0],)) for key in self.states}
+        if not self._cluster_lists_complete():
+            return  # a cluster credential's selection is not known yet: it might want any Secret
+        wanted = self._wanted()
         todo = []
         for action in converge.converge(self.marked, wanted, self.deps.selector, namespace):
             if action.action == converge.BAD_INPUT:
@@ -277,7 +330,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
 
         async def clean() -> list[converge.Action]:
-            return await loop.run_in_executor(self._executor, self._clean_orphans, todo)
+            return await loop.run_in_executor(self._executor, self._clean_orphans, todo, wanted)
 
         def done(fut: asyncio.Task[list[converge.Action]]) -> None:
             for action in todo:
@@ -291,40 +344,92 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _clean_orphans(self, actions: list[converge.Action]) -> list[converge.Action]:
-        """Confirm each credential is gone, then apply its recorded policy (worker thread); the
-        actions that failed."""
+    def _wanted(self) -> dict[Key, frozenset[str]]:
+        """converge.py's input: each live credential and the namespaces it wants its Secret in."""
+        out: dict[Key, frozenset[str]] = {}
+        everywhere: frozenset[str] | None = None
+        for key in self.states:
+            if key[0] != CLUSTER:
+                out[key] = frozenset((key[0],))
+            elif self.selections.get(key) is None:
+                # An invalid spec selects nothing it can prove: keep every Secret it has.
+                everywhere = everywhere or frozenset(ns for ns, _ in self.marked)
+                out[key] = everywhere
+            else:
+                out[key] = self.selected.get(key, frozenset()) - self.yielded.get(key, {}).keys()
+        return out
+
+    def _clean_orphans(
+        self, actions: list[converge.Action], wanted: Mapping[Key, frozenset[str]] | None = None
+    ) -> list[converge.Action]:
+        """Confirm each credential is gone (or, for a cluster credential, no longer wants that
+        namespace), then apply the recorded policy (worker thread); the actions that failed."""
         failed = []
         kube = self.deps.kube
+        wanted = wanted or {}
         for action in actions:
             assert action.credential is not None
-            (ns, name), (_, secret_name) = action.credential, action.secret
+            (ns, name), (secret_ns, secret_name) = action.credential, action.secret
             try:
-                if kube.get_credential(ns, name) is not None:
+                live: dict[Key, frozenset[str]] = {}
+                if ns == CLUSTER:
+                    if kube.get_cluster_credential(name) is not None:
+                        if action.credential not in wanted:
+                            log.debug(
+                                "%s %s: exists; Secret %s/%s left as it is",
+                                c.CLUSTER_KIND,
+                                name,
+                                secret_ns,
+                                secret_name,
+                            )
+                            continue
+                        live = {action.credential: wanted[action.credential]}
+                elif kube.get_credential(ns, name) is not None:
                     log.debug("%s/%s: still exists; Secret %s left as it is", ns, name, secret_name)
                     continue
-                secret = kube.get_secret(ns, secret_name)
+                secret = kube.get_secret(secret_ns, secret_name)
                 mark = converge.mark_of(secret) if secret is not None else None
                 if secret is None or mark is None:
                     continue
-                again = converge.decide(action.secret, mark, {}, self.deps.selector)
+                again = converge.decide(action.secret, mark, live, self.deps.selector)
                 if again.action != action.action or again.credential != action.credential:
                     continue  # changed since it was seen: the next look decides
                 if action.action == converge.UNMERGE:
-                    kube.patch_secret(ns, secret_name, unmerge_patch(secret))
+                    kube.patch_secret(secret_ns, secret_name, unmerge_patch(secret))
                     what = "removed its keys and annotations from"
                 else:
-                    kube.delete_secret(ns, secret_name, uid=(secret.get("metadata") or {}).get("uid"))
+                    kube.delete_secret(secret_ns, secret_name, uid=(secret.get("metadata") or {}).get("uid"))
                     what = "deleted"
                 metrics.observe_orphan_cleaned(action.action)
-                log.info(
-                    "%s/%s: deleted while no operator watched; %s Secret %s (%s)",
-                    ns,
-                    name,
-                    what,
-                    secret_name,
-                    action.why,
-                )
+                if live:
+                    log.info(
+                        "%s %s: no longer selects namespace %s; %s Secret %s (%s)",
+                        c.CLUSTER_KIND,
+                        name,
+                        secret_ns,
+                        what,
+                        secret_name,
+                        action.why,
+                    )
+                elif ns == CLUSTER:
+                    log.info(
+                        "%s %s: deleted; %s Secret %s/%s (%s)",
+                        c.CLUSTER_KIND,
+                        name,
+                        what,
+                        secret_ns,
+                        secret_name,
+                        action.why,
+                    )
+                else:
+                    log.info(
+                        "%s/%s: deleted while no operator watched; %s Secret %s (%s)",
+                        ns,
+                        name,
+                        what,
+                        secret_name,
+                        action.why,
+                    )
             except Conflict:
                 failed.append(action)
             except AutoTekError as exc:
@@ -336,27 +441,43 @@ class Runtime:
 
     # -- indexes -----------------------------------------------------------------------------
 
+    def _refs_for(self, key: Key, spec: Mapping[str, Any]) -> tuple[Key | None, frozenset[Key]]:
+        """(client Secret, target Secrets) of a credential: a cluster credential's client Secret only
+        if its namespace is allowed (else it is never read), its target in every selected namespace."""
+        if key[0] != CLUSTER:
+            client_key, target_key = _secret_refs(key[0], key[1], spec)
+            return client_key, frozenset((target_key,))
+        ref = spec.get("clientSecretRef") if isinstance(spec, Mapping) else None
+        client_ns = ref.get("namespace") if isinstance(ref, Mapping) else None
+        client_name = ref.get("name") if isinstance(ref, Mapping) else None
+        allowed = isinstance(client_ns, str) and client_ns in self.deps.cluster_client_namespaces
+        client = (str(client_ns), client_name) if allowed and isinstance(client_name, str) else None
+        target_name = _secret_refs(CLUSTER, key[1], spec)[1][1]
+        return client, frozenset((ns, target_name) for ns in self.selected.get(key, ()))
+
     def _index(self, key: Key, spec: Mapping[str, Any]) -> None:
-        refs = _secret_refs(key[0], key[1], spec)
+        refs = self._refs_for(key, spec)
         old = self.refs.get(key)
         if old == refs:
             return
         self._unindex(key)
         self.refs[key] = refs
-        client_key, target_key = refs
+        client_key, target_keys = refs
         if client_key is not None:
             self.client_index.setdefault(client_key, set()).add(key)
-        self.target_index.setdefault(target_key, set()).add(key)
+        for target_key in target_keys:
+            self.target_index.setdefault(target_key, set()).add(key)
 
     def _unindex(self, key: Key) -> None:
         old = self.refs.pop(key, None)
         if old is None:
             return
-        for index, skey in ((self.client_index, old[0]), (self.target_index, old[1])):
-            if skey is not None and skey in index:
-                index[skey].discard(key)
-                if not index[skey]:
-                    del index[skey]
+        for index, skeys in ((self.client_index, (old[0],)), (self.target_index, old[1])):
+            for skey in skeys:
+                if skey is not None and skey in index:
+                    index[skey].discard(key)
+                    if not index[skey]:
+                        del index[skey]
 
     # -- events ------------------------------------------------------------------------------
 
@@ -368,13 +489,173 @@ class Runtime:
         """A complete list of the selected credentials in ``namespace`` (None: all). One held but
         not listed was deleted or stopped being selected while the watch was down: forget it
         (an owned Secret of a deleted credential is garbage-collected through its owner reference)."""
-        gone = [k for k in self.states if (namespace is None or k[0] == namespace) and k not in keys]
+        gone = [
+            k for k in self.states if k[0] != CLUSTER and (namespace is None or k[0] == namespace) and k not in keys
+        ]
         for key in gone:
             log.info("%s/%s: no longer listed (deleted, or no longer selected); forgotten", key[0], key[1])
             self._forget(key)
         self.listed_credential_scopes.add(namespace)
         if namespace in self.listed_scopes:
             self.converge_scope(namespace)
+
+    # -- ClusterAutoTekCredentials and namespaces ---------------------------------------------------
+
+    def on_cluster_credential_events(self, batch: list[tuple[str | None, dict[str, Any]]]) -> None:
+        for event_type, body in batch:
+            self.on_credential_event(event_type, body, kind=c.CLUSTER_KIND)
+
+    def on_cluster_credentials_listed(self, _scope: str | None, keys: set[Key]) -> None:
+        """A complete list of the selected cluster credentials: one held but not listed is gone
+        (what it wrote is handled by the convergence that follows)."""
+        for key in [k for k in self.states if k[0] == CLUSTER and (CLUSTER, k[1]) not in keys]:
+            log.info("%s %s: no longer listed (deleted, or no longer selected); forgotten", c.CLUSTER_KIND, key[1])
+            self._forget(key)
+        self._reconsider_yields()
+        self.cluster_listed = True
+        self._converge_listed()
+
+    def on_namespace_events(self, batch: list[tuple[str | None, dict[str, Any]]]) -> None:
+        changed: set[str] = set()
+        for event_type, body in batch:
+            meta = body.get("metadata") or {}
+            name = meta.get("name", "")
+            phase = (body.get("status") or {}).get("phase")
+            if event_type != "DELETED" and not meta.get("deletionTimestamp") and phase != "Terminating":
+                labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+                if self.namespace_labels.get(name) != labels:
+                    self.namespace_labels[name] = labels
+                    changed.add(name)
+            elif self.namespace_labels.pop(name, None) is not None:
+                changed.add(name)  # deleted or Terminating: skipped quietly from now on
+        if changed:
+            self._namespaces_changed(changed)
+
+    def on_namespaces_listed(self, _scope: str | None, keys: set[Key]) -> None:
+        names = {k[1] for k in keys}
+        for name in [n for n in self.namespace_labels if n not in names]:
+            del self.namespace_labels[name]
+        first = not self.namespaces_listed
+        self.namespaces_listed = True
+        self._namespaces_changed(None)
+        if first:
+            for key in [k for k in self.states if k[0] == CLUSTER]:
+                self.schedule(key)
+        self._converge_listed()
+
+    def _converge_listed(self) -> None:
+        for scope in self.listed_scopes & self.listed_credential_scopes:
+            self.converge_scope(scope)
+
+    def _selects(self, key: Key, ns: str) -> bool:
+        selection = self.selections.get(key)
+        labels = self.namespace_labels.get(ns)
+        if selection is None or labels is None or not selection.selects(ns, labels):
+            return False
+        scopes = self.secret_scopes
+        return not scopes or None in scopes or ns in scopes
+
+    def _compute_selected(self, key: Key) -> frozenset[str]:
+        selection = self.selections.get(key)
+        if selection is None:
+            return frozenset()
+        out = frozenset(ns for ns, labels in self.namespace_labels.items() if selection.selects(ns, labels))
+        scopes = self.secret_scopes
+        if scopes and None not in scopes:
+            outside = out - scopes
+            if outside and key not in self._reach_reported:
+                self._reach_reported.add(key)
+                log.warning(
+                    "%s %s selects namespaces this operator does not watch (e.g. %s); it writes only into the "
+                    "watched ones (AUTOTEK_NAMESPACES)",
+                    c.CLUSTER_KIND,
+                    key[1],
+                    ", ".join(sorted(outside)[:3]),
+                )
+            out = frozenset(ns for ns in out if ns in scopes)
+        return out
+
+    def _namespaces_changed(self, names: set[str] | None) -> None:
+        """Namespaces appeared, changed labels or went (None: all may have): re-evaluate every
+        cluster credential's selection for them, and converge where one left a selection."""
+        left: set[str] = set()
+        changed = []
+        for key in [k for k in self.states if k[0] == CLUSTER]:
+            old = self.selected.get(key, frozenset())
+            if names is None:
+                new = self._compute_selected(key)
+            else:
+                new = frozenset((old - names) | {n for n in names if self._selects(key, n)})
+            if new != old:
+                self.selected[key] = new
+                left |= old - new
+                changed.append(key)
+        if not changed:
+            return
+        self._reconsider_yields(force=changed)
+        for ns in sorted(left) if len(left) <= 50 else [None]:
+            self.converge_scope(ns)
+
+    def _reconsider_yields(self, force: list[Key] | None = None) -> None:
+        """Of cluster credentials aiming at one Secret (namespace and name), the oldest
+        (creationTimestamp, then name) keeps it; the others yield that namespace. Then push each
+        changed view (selection, yields) into the credential's state and index."""
+        claims: dict[Key, list[tuple[str, str]]] = {}
+        for key, selected in self.selected.items():
+            st = self.states.get(key)
+            if st is None:
+                continue
+            target_name = _secret_refs(CLUSTER, key[1], st.spec)[1][1]
+            for ns in selected:
+                claims.setdefault((ns, target_name), []).append((st.created, key[1]))
+        yielded: dict[Key, dict[str, str]] = {}
+        for (ns, _), claimants in claims.items():
+            if len(claimants) < 2:
+                continue
+            claimants.sort()
+            for _, name in claimants[1:]:
+                yielded.setdefault((CLUSTER, name), {})[ns] = claimants[0][1]
+        touched = set(force or ())
+        for key in [k for k in self.states if k[0] == CLUSTER]:
+            if yielded.get(key, {}) != self.yielded.get(key, {}):
+                touched.add(key)
+        self.yielded = yielded
+        for key in touched:
+            st = self.states.get(key)
+            if st is not None:
+                self._index(key, st.spec)
+                self._push_cluster_view(key)
+
+    def _push_cluster_view(self, key: Key) -> None:
+        """Give the credential's state the runtime's view of its namespaces; a pass if it changed."""
+        selected = self.selected.get(key, frozenset())
+        yielded = dict(self.yielded.get(key, {}))
+        st0 = self.states.get(key)
+        spec = st0.spec if st0 is not None else {}
+        target_name = _secret_refs(CLUSTER, key[1], spec)[1][1]
+        owner_policy = _creation_policy(spec) == "Owner"
+
+        def change(st: CredentialState) -> bool:
+            if st.selected == selected and dict(st.yielded) == yielded:
+                return False
+            for ns in set(st.yielded) - set(yielded):
+                found = st.targets.get(ns)
+                if found is not None:
+                    found.clear_failure()  # no longer yielded: try it now
+            for ns in selected - st.selected:
+                t = st.target(ns)
+                if t.body is UNKNOWN and owner_policy and self._known_absent((ns, target_name)):
+                    t.body = None  # the watch has listed the namespace and not seen it: no GET
+            st.selected, st.yielded = selected, yielded
+            return True
+
+        self._change(key, change, "selected namespaces changed")
+
+    def _known_absent(self, skey: Key) -> bool:
+        """Whether the Secret is known not to exist (every watched scope listed, never seen)."""
+        return (
+            bool(self.secret_scopes) and self.listed_scopes >= self.secret_scopes and skey not in self.secret_versions
+        )
 
     def _cleanup(self, body: Mapping[str, Any]) -> None:
         """Apply the deletion policy of a credential that is gone (worker thread)."""
@@ -391,11 +672,18 @@ class Runtime:
                 return
         cleanup_deleted(body, self.deps)
 
-    def on_credential_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+    def on_credential_event(self, event_type: str | None, body: Mapping[str, Any], kind: str = c.KIND) -> None:
         meta = body.get("metadata") or {}
-        key = (meta.get("namespace", ""), meta.get("name", ""))
+        cluster = kind == c.CLUSTER_KIND
+        key = (CLUSTER if cluster else meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             self._forget(key)
+            if cluster:
+                self._reconsider_yields()  # a younger one may take over its namespaces
+                # Its Secrets: owned ones go with it (garbage collection), merged ones are unmerged
+                # by the convergence, after a read confirms it is gone.
+                self.converge_scope(None)
+                return
             if not self.active:
                 return  # the leader cleans up
             if key in self.inflight:
@@ -407,22 +695,38 @@ class Runtime:
             return
         st = self.states.get(key)
         spec = body.get("spec") or {}
+        if cluster:
+            self.selections[key] = _selection_of(key[1], spec)
         if not self.active:
             # A follower mirrors what the leader stores, so that it can take over exactly.
+            self.states[key] = CredentialState.from_body(body, kind)
             self._index(key, spec)
-            self.states[key] = CredentialState.from_body(body)
+            if cluster:
+                self.selected[key] = self._compute_selected(key)
+                self._reconsider_yields(force=[key])
             self.schedule(key)
             return
         if st is None or st.uid != meta.get("uid", st.uid):
             if st is not None:
                 self._forget(key)
-            st = CredentialState.from_body(body)
+                if cluster:
+                    self.selections[key] = _selection_of(key[1], spec)
+            st = CredentialState.from_body(body, kind)
             self.states[key] = st
             self._index(key, spec)
             st.force_new = self._resume_reason(st)
-            st.target_body = self._known_target(key, spec)
+            if cluster:
+                self.selected[key] = self._compute_selected(key)
+                self._reconsider_yields(force=[key])
+            else:
+                st.target_body = self._known_target(key, spec)
             self.schedule(key)
             return
+        old_target = _secret_refs(key[0], key[1], st.spec)[1][1]
+        new_target = _secret_refs(key[0], key[1], spec)[1][1]
+        if cluster:
+            self.selected[key] = self._compute_selected(key)
+            self._reconsider_yields(force=[key])
         self._index(key, spec)
 
         def change(state: CredentialState) -> bool:
@@ -432,7 +736,13 @@ class Runtime:
                 state.force_new = "the spec changed"
                 state.client = None
                 state.client_body = UNKNOWN  # the spec may name other Secrets now
-                state.target_body = self._known_target(key, spec)
+                if not cluster:
+                    state.target_body = self._known_target(key, spec)
+                elif old_target != new_target:
+                    state.targets.clear()
+                else:
+                    for t in state.targets.values():
+                        t.clear_failure()  # the change may have fixed it
                 return True
             if state.refresh_request != old_request and state.refresh_request:
                 state.force_new = "a refresh was requested"
@@ -451,7 +761,7 @@ class Runtime:
         if policy not in (None, "Owner") or not self.secret_scopes or self.listed_scopes != self.secret_scopes:
             return UNKNOWN
         refs = self.refs.get(key)
-        if refs is None or refs[1] in self.secret_versions:
+        if refs is None or any(t in self.secret_versions for t in refs[1]):
             return UNKNOWN
         return None
 
@@ -474,6 +784,11 @@ class Runtime:
         self._due.pop(key, None)
         self.pending.pop(key, None)
         self._unindex(key)
+        if key[0] == CLUSTER:
+            self.selections.pop(key, None)
+            self.selected.pop(key, None)
+            self.yielded.pop(key, None)
+            self._reach_reported.discard(key)
 
     def on_secret_events(self, batch: list[tuple[str | None, dict[str, Any]]]) -> None:
         for event_type, body in batch:
@@ -528,15 +843,36 @@ class Runtime:
         for key in tuple(self.target_index.get(skey, ())):
 
             def target_change(st: CredentialState) -> bool:
+                ns = skey[0]
+                if st.cluster and ns not in st.selected:
+                    return False  # a namespace that is entering the selection: its pass reads it
+                t = st.target(ns)
                 # Our own writes come back with the version we recorded: nothing to do.
-                if not deleted and version == st.target_version:
+                if not deleted and version == t.version:
                     return False
-                st.target_body = None if deleted else trim_secret(body)
-                if st.last_failure_reason in (c.REASON_TARGET_CONFLICT, c.REASON_TARGET_NOT_FOUND):
+                t.body = None if deleted else trim_secret(body)
+                if st.cluster:
+                    if t.failed() and ns not in st.yielded:
+                        t.retry_at = self._now()  # the obstacle may be gone: this namespace, now
+                elif st.last_failure_reason in (c.REASON_TARGET_CONFLICT, c.REASON_TARGET_NOT_FOUND):
                     st.force_new = "the target Secret changed"  # the obstacle may be gone: try now
                 return True
 
             self._change(key, target_change, f"target Secret {event_type or 'listed'}")
+
+
+def _selection_of(name: str, spec: Mapping[str, Any]) -> NamespaceSelection | None:
+    """A cluster credential's namespace selection; None when its spec is invalid (the pass says why)."""
+    try:
+        return parse_spec(spec, name=name, cluster=True).namespaces
+    except InvalidSpec:
+        return None
+
+
+def _creation_policy(spec: Mapping[str, Any]) -> str:
+    target = spec.get("target") if isinstance(spec, Mapping) else None
+    policy = target.get("creationPolicy") if isinstance(target, Mapping) else None
+    return policy if isinstance(policy, str) else "Owner"
 
 
 def _sample(st: CredentialState) -> metrics.CredentialSample:

@@ -260,6 +260,35 @@ class CredentialWatch(ListWatch):
         return self.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL, _preload_content=False, **kw)
 
 
+class ClusterCredentialWatch(ListWatch):
+    """The ClusterAutoTekCredentials the label selector selects (cluster-scoped: one thread)."""
+
+    what = "cluster credentials"
+
+    def __init__(self, custom: CustomObjectsApi, **kw: Any) -> None:
+        super().__init__((None,), **kw)
+        self.custom = custom
+
+    def _request(self, ns: str | None, **kw: Any) -> Any:
+        return self.custom.list_cluster_custom_object(
+            c.GROUP, c.VERSION, c.CLUSTER_PLURAL, _preload_content=False, **kw
+        )
+
+
+class NamespaceWatch(ListWatch):
+    """Every namespace: its name, labels and phase are all the runtime keeps (for the selectors of
+    ClusterAutoTekCredentials). Nothing is ever written to a namespace, finalizers least of all."""
+
+    what = "namespaces"
+
+    def __init__(self, core: CoreV1Api, **kw: Any) -> None:
+        super().__init__((None,), **kw)
+        self.core = core
+
+    def _request(self, ns: str | None, **kw: Any) -> Any:
+        return self.core.list_namespace(_preload_content=False, **kw)
+
+
 def _shutdown(resp: Any) -> None:
     """Unblock a thread reading ``resp`` (the read sees the end of the stream)."""
     try:
