@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import kubernetes
 import yaml
 from kubernetes.client.exceptions import ApiException
-from rbac import MANIFESTS, SCOPE_LABEL, Identity, Rbac, bare, new_scope, one, selector
+from rbac import MANIFESTS, SCOPE_LABEL, Identity, Rbac, bare, companion_roles, new_scope, one, selector
 
 import controlplane
 
@@ -189,9 +189,13 @@ class Cluster:
         if self.rbac is None:
             return Identity(self.kubeconfig)
         directory = MANIFESTS if variant == "base" else MANIFESTS / "overlays" / variant
-        role = one(self.rbac.rendered(directory), "ClusterRole", CLUSTER_ROLE)
+        docs = self.rbac.rendered(directory)
+        role = one(docs, "ClusterRole", CLUSTER_ROLE)
         name = CLUSTER_ROLE if variant == "base" else f"{CLUSTER_ROLE}-{variant}"
-        return self.rbac.service_account(name, shared_cluster_roles=[bare(role, name=name)], source=directory)
+        # Also the rendering's other ClusterRoles (autotek-operator-cluster-credentials: the cluster kind and
+        # namespaces), under their own names: their rules are the same in every overlay.
+        return self.rbac.service_account(name, shared_cluster_roles=[bare(role, name=name), *companion_roles(docs)],
+                                         source=directory)
 
     def allow_leases(self, identity: Identity, namespace: str) -> None:
         """Copy the leader-election Role of the identity's rendering into ``namespace``; bind it to ``identity``."""

@@ -94,6 +94,12 @@ def bare(doc: Doc, *, name: str | None = None, namespace: str | None = None) -> 
     return out
 
 
+def companion_roles(docs: Iterable[Doc], main: str = "autotek-operator") -> list[Doc]:
+    """The ClusterRoles of a rendering other than ``main``, as they are applied (under their own names), e.g.
+    ``autotek-operator-cluster-credentials``: the operator needs them whatever a test does to ``main``."""
+    return [bare(d) for d in pick(docs, "ClusterRole") if d["metadata"]["name"] != main]
+
+
 def without_verb(cluster_role: Doc, group: str, plural: str, verb: str, name: str) -> Doc:
     """A copy of a ClusterRole named ``name`` that lacks one verb on one resource (``group`` "" is core)."""
     out = bare(cluster_role, name=name)
