@@ -51,6 +51,7 @@ class Live:
     kubeconfig: Path
     log: Path
     ns: str
+    catc: str = ""  # a ClusterAutoTekCredential selecting ``ns``, with its client Secret there
 
     def status(self, name: str) -> dict[str, Any]:
         result: dict[str, Any] = self.kube.credential(self.ns, name).get("status") or {}
@@ -58,6 +59,13 @@ class Live:
 
     def ready(self, name: str) -> dict[str, Any]:
         return next((x for x in self.status(name).get("conditions") or [] if x["type"] == "Ready"), {})
+
+    def cluster_status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.kube.cluster_credential(self.catc).get("status") or {}
+        return result
+
+    def cluster_ready(self) -> dict[str, Any]:
+        return next((x for x in self.cluster_status().get("conditions") or [] if x["type"] == "Ready"), {})
 
 
 def integration_module(name: str) -> Any:
@@ -91,7 +99,10 @@ def operator_access(server: Any, workdir: Path, kube_for: Callable[[Path], Any])
     if not server.real:
         with EmulatorThread(port=0) as emu:
             kubeconfig = emu.write_kubeconfig(workdir / "kubeconfig")
-            yield Access(kube_for(kubeconfig), kubeconfig, NS, {"KUBECONFIG": str(kubeconfig)}, {})
+            kube = kube_for(kubeconfig)
+            kube.create_namespace(NS)  # a cluster credential selects only namespaces that exist
+            env = {"KUBECONFIG": str(kubeconfig), "AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES": NS}
+            yield Access(kube, kubeconfig, NS, env, {})
         return
     rbac = integration_module("rbac")
     kubeconfig = server.write_kubeconfig(workdir / "kubeconfig")
@@ -100,10 +111,11 @@ def operator_access(server: Any, workdir: Path, kube_for: Callable[[Path], Any])
     kube.create_namespace(ns)
     access = rbac.Rbac(kubeconfig, kube.api, scope, workdir)
     try:
-        role = rbac.one(access.rendered(), "ClusterRole", "autotek-operator")
-        identity = access.service_account("autotek-operator", shared_cluster_roles=[rbac.bare(role)])
+        roles = [rbac.bare(rbac.one(access.rendered(), "ClusterRole", name))
+                 for name in ("autotek-operator", "autotek-operator-cluster-credentials")]
+        identity = access.service_account("autotek-operator", shared_cluster_roles=roles)
         env = {"KUBECONFIG": str(identity.kubeconfig), "AUTOTEK_NAMESPACES": ns,
-               "AUTOTEK_CREDENTIAL_SELECTOR": rbac.selector(scope)}
+               "AUTOTEK_CREDENTIAL_SELECTOR": rbac.selector(scope), "AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES": ns}
         yield Access(kube, kubeconfig, ns, env, {rbac.SCOPE_LABEL: scope})
     finally:
         access.close()
@@ -148,11 +160,22 @@ def live(tmp_path_factory: pytest.TempPathFactory, server: Any, kube_for: Callab
                 {"clientSecretRef": {"name": "good-client"}, "tokenURL": "https://auth.example.com/token"},
                 labels,
             )
-            state = Live(kube, broker, access.kubeconfig, log, ns)
+            catc = f"live-{uuid.uuid4().hex[:8]}"
+            body = {"apiVersion": f"{c.GROUP}/{c.VERSION}", "kind": c.CLUSTER_KIND,
+                    "metadata": {"name": catc, "labels": labels},
+                    "spec": {"clientSecretRef": {"namespace": ns, "name": "good-client"}, "namespaces": [ns],
+                             "tokenURL": broker.token_url}}
+            kube.custom.create_cluster_custom_object(c.GROUP, c.VERSION, c.CLUSTER_PLURAL, body)
+            state = Live(kube, broker, access.kubeconfig, log, ns, catc)
             wait_for("the first token", lambda: state.ready("good").get("status") == "True")
+            wait_for("the cluster credential's first token",
+                     lambda: state.cluster_ready().get("status") == "True", timeout=30)
             wait_for("the first refusal", lambda: state.status("bad").get("lastFailureReason") == "InvalidClient")
             wait_for("the URL refusal", lambda: state.ready("blocked").get("reason") == "TokenURLNotAllowed")
-            yield state
+            try:
+                yield state
+            finally:
+                kube.delete_cluster_credential(catc)
             assert proc.poll() is None, "the operator died"
             text = log.read_text()
             assert "Traceback" not in text
@@ -199,6 +222,26 @@ def test_refresh_gets_a_new_token(live: Live, capsys: pytest.CaptureFixture[str]
     assert status["lastRefreshRequest"] == annotation
     assert status["lastRefreshTime"] >= annotation
     assert status["expiresAt"] in out
+
+
+def test_refresh_a_cluster_credential(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    """catc/NAME: the annotation on the cluster object, a new token in the selected namespace."""
+    before = live.kube.secret_data(live.ns, live.catc)["access_token"]
+    code, out, err = plugin(live, capsys, "refresh", f"catc/{live.catc}", "--timeout", "30")
+    assert code == 0, out + err
+    assert out.startswith(f"token refreshed for catc/{live.catc}; valid until ")
+    assert f"in Secret {live.catc} in 1/1 selected namespaces" in out
+    after = live.kube.secret_data(live.ns, live.catc)
+    assert after["access_token"] != before
+    assert after["access_token"] not in out + err
+    status = live.cluster_status()
+    annotation = live.kube.cluster_credential(live.catc)["metadata"]["annotations"][c.ANN_REFRESH_REQUESTED_AT]
+    assert status["lastRefreshRequest"] == annotation
+    assert status["namespaces"]["provisioned"] == status["namespaces"]["selected"] == 1
+
+    code, out, err = plugin(live, capsys, "status", "--cluster", live.catc)
+    assert code == 0, err
+    assert "Namespaces: 1 selected, 1 provisioned, 0 failed" in out
 
 
 def test_refresh_refused_by_the_broker(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
