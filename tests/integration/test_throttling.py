@@ -425,9 +425,17 @@ def test_closed_window_honours_retry_after_and_loses_no_credential(
         clients = _clients(cluster, broker, ns, k)
         names = [f"closed-{i}" for i in range(k)]
         # The client Secrets reach the operator first: a client Secret that changes (or arrives) during a
-        # pass rightly cuts its wait short (a new token at once, only the 10 s floor applies).
+        # pass rightly cuts its wait short (a new token at once, only the 10 s floor applies). Closing the
+        # piped connections also ends the watches that share them with a list; they come back through the
+        # proxy (watches pass) and list again: the credentials are created once they have.
         time.sleep(2.0)
+        resumed = f"in namespace {ns} again"  # "watching Secrets in namespace NS again"
+        again = op.log_text().count(resumed)
         proxy.throttle(True)
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline and op.log_text().count(resumed) < again + 2:
+            time.sleep(0.5)
+        time.sleep(1.0)
         started = time.monotonic()
         for name, client in zip(names, clients, strict=True):
             cluster.create_credential(ns, name, _spec(broker, client.secret_name), scope=op.scope)
