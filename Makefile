@@ -86,7 +86,10 @@ e2e: helm $(STAMP)
 e2e-local: envtest helm $(STAMP)
 	env $(addprefix -u ,$(REAL_CLUSTER_ENV)) $(BIN)/pytest -q tests/e2e --with-e2e --e2e-cluster=local
 
+# On a real control plane whenever the Kubernetes binaries can be had (unpacked from $(ENVTEST_SRC)
+# or already in $(ENVTEST_DIR) / KUBEBUILDER_ASSETS); on the API emulator otherwise.
 bench: $(STAMP)
+	@if [ -d "$(ENVTEST_SRC)" ]; then $(MAKE) --no-print-directory envtest; fi
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 # Needs network access to the vulnerability database, so it is not part of `make test`.
