@@ -28,7 +28,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import errors
@@ -267,39 +267,40 @@ def basic_authorization(client_id: str, client_secret: str) -> str:
 
 # -- a whole-request deadline ------------------------------------------------------------------
 # requests' timeouts bound each connect and each read, so a server that drips bytes slowly can
-# hold a request for ever. Connections opened for a request are recorded (per thread), and the
-# client's watchdog thread shuts their sockets down when the request's deadline passes.
+# hold a request for ever. The connections a request takes from its session's pool (opened for it
+# or kept alive from an earlier request) are recorded (per thread), and the client's watchdog
+# thread shuts their sockets down when the request's deadline passes.
 
 _tracking = threading.local()
 
 
 def _record(conn: HTTPConnection) -> None:
+    """Put ``conn`` in the current request's list (the deadline watchdog's), noting whether it
+    is a kept-alive connection being reused (it has a socket already)."""
     conns: list[HTTPConnection] | None = getattr(_tracking, "conns", None)
-    if conns is not None:
+    if conns is not None and conn not in conns:
         conns.append(conn)
-
-
-class _TrackedHTTPConnection(HTTPConnection):
-    def connect(self) -> None:
-        _record(self)
-        super().connect()
-
-
-class _TrackedHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        _record(self)
-        super().connect()
+        if getattr(conn, "sock", None) is not None:
+            _tracking.reused = True
 
 
 class _TrackedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _TrackedHTTPConnection
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)
+        _record(conn)  # type: ignore[arg-type]
+        return conn
 
 
 class _TrackedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _TrackedHTTPSConnection
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)
+        _record(conn)  # type: ignore[arg-type]
+        return conn
 
 
 def _track(adapter: HTTPAdapter) -> HTTPAdapter:
+    """Make ``adapter``'s pools record every connection a request takes from them (new or
+    kept alive) for that request's deadline."""
     adapter.poolmanager.pool_classes_by_scheme = {"http": _TrackedHTTPPool, "https": _TrackedHTTPSPool}
     return adapter
 
@@ -404,6 +405,24 @@ class _Watchdog:
                 _abort(entry.conns)
 
 
+class _StaleConnection(Exception):
+    """A kept-alive connection failed before any answer (the server had closed it): try a new one."""
+
+
+def _close(conns: list[HTTPConnection]) -> None:
+    for conn in conns:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of an allowed URL: the unit a kept-alive connection may serve."""
+    p = urlsplit(url)
+    return f"{p.scheme}://{(p.hostname or '').lower()}:{p.port or _default_port(p.scheme)}"
+
+
 def _transport_error(
     exc: requests.exceptions.RequestException, where: str, deadline_passed: bool, reading: bool = False
 ) -> errors.AutoTekError:
@@ -427,7 +446,7 @@ class _PinnedCAAdapter(HTTPAdapter):
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._context = context
-        super().__init__()
+        super().__init__(pool_connections=1, pool_maxsize=1)
 
     def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
@@ -439,12 +458,16 @@ class TokenClient:
     """Performs token requests: allow-list, TLS, timeouts, body cap, global concurrency bound.
 
     Each request must finish within ``2 * timeout`` as a whole; one watchdog thread per client
-    enforces that. Each thread keeps its own ``requests`` sessions, one per CA bundle (at most
-    ``SESSIONS_PER_THREAD``, the least recently used dropped first), but never reuses a
-    connection: every request opens its own and closes it when done.
+    enforces that. Each thread keeps its own ``requests`` sessions, one per (origin: scheme, host
+    and port; CA bundle), at most ``SESSIONS_PER_THREAD``, the least recently used dropped (and
+    its connection closed) first. A session holds at most one kept-alive connection, used only
+    for URLs of its own origin that passed the allow-list, verified against its own CA bundle:
+    a connection is never reused for another host, port, scheme or ``caBundle``. Redirects are
+    never followed. A connection is closed instead of kept when its request failed or ran out
+    of time; a kept connection the server closed meanwhile is replaced by a fresh one, once.
     """
 
-    #: How many sessions (distinct ``caBundle`` values) each thread keeps.
+    #: How many sessions (distinct origin and ``caBundle`` pairs) each thread keeps.
     SESSIONS_PER_THREAD = 16
 
     def __init__(
@@ -492,10 +515,10 @@ class TokenClient:
                 self._contexts[key] = ctx
             return ctx
 
-    def _session(self, ca_bundle: str) -> requests.Session:
-        """This thread's session for ``ca_bundle``, made on first use."""
-        key = hashlib.sha256(ca_bundle.encode()).hexdigest() if ca_bundle else ""
-        sessions: dict[str, requests.Session] | None = getattr(self._local, "sessions", None)
+    def _session(self, origin: str, ca_bundle: str) -> requests.Session:
+        """This thread's session for ``origin`` (scheme://host:port) and ``ca_bundle``, made on first use."""
+        key = (origin, hashlib.sha256(ca_bundle.encode()).hexdigest() if ca_bundle else "")
+        sessions: dict[tuple[str, str], requests.Session] | None = getattr(self._local, "sessions", None)
         if sessions is None:
             sessions = self._local.sessions = {}
         session = sessions.pop(key, None)
@@ -507,17 +530,17 @@ class TokenClient:
         return session
 
     def _new_session(self, ca_bundle: str) -> requests.Session:
-        """A session that keeps no state between requests: no cookies, and no open connection
-        (``_post`` closes each request's connections), so a slow server cannot be reached through
-        a connection the deadline watchdog does not guard, nor a stale one be written to."""
+        """A session that keeps no state between requests but its one kept-alive connection: no
+        cookies, no proxies. Every connection a request uses is recorded for its deadline
+        (``_track``), kept ones too."""
         session = requests.Session()
         session.trust_env = False  # no proxies or netrc credentials picked up from the environment
         session.cookies.set_policy(_NO_COOKIES)  # nothing one answer sets is sent with the next
-        session.mount("http://", _track(HTTPAdapter()))
+        session.mount("http://", _track(HTTPAdapter(pool_connections=1, pool_maxsize=1)))
         if ca_bundle:
             session.mount("https://", _track(_PinnedCAAdapter(self._context_for(ca_bundle))))
         else:
-            session.mount("https://", _track(HTTPAdapter()))
+            session.mount("https://", _track(HTTPAdapter(pool_connections=1, pool_maxsize=1)))
         return session
 
     def request(self, req: TokenRequest) -> Token:
@@ -531,10 +554,6 @@ class TokenClient:
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
             "User-Agent": "autotek-operator",
-            # A fresh connection per request (also closed by us when done, for servers that
-            # ignore this): the deadline watchdog only sees connections opened for the request
-            # it guards.
-            "Connection": "close",
         }
         if req.auth_method == AUTH_BASIC:
             headers["Authorization"] = basic_authorization(req.client_id, req.client_secret)
@@ -546,7 +565,7 @@ class TokenClient:
             secrets = (req.client_secret, basic, basic.rstrip("="), req.client_id)
         where = safe_url(req.token_url)
         with self._slots:
-            session = self._session(req.ca_bundle)
+            session = self._session(_origin(req.token_url), req.ca_bundle)
             sent_at = self._clock()
             started = time.monotonic()
             result = "error"
@@ -588,16 +607,24 @@ class TokenClient:
         conns: list[HTTPConnection] = []
         watch = self._watchdog.watch(deadline, conns)
         _tracking.conns = conns
+        answered = False
         try:
-            return self._exchange(session, url, form, headers, where, deadline, watch)
+            for retry in (True, False):
+                _tracking.reused = False
+                try:
+                    result = self._exchange(session, url, form, headers, where, deadline, watch, retry)
+                except _StaleConnection:
+                    _close(conns)  # the server closed the kept connection: once more, on a new one
+                    continue
+                answered = True
+                return result
+            raise AssertionError("unreachable")  # the second attempt never raises _StaleConnection
         finally:
             self._watchdog.cancel(watch)  # from here on the watchdog leaves these connections alone
             _tracking.conns = None
-            for conn in conns:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
+            _tracking.reused = False
+            if not answered or watch.fired:
+                _close(conns)  # only a connection whose request went well is kept for the next
 
     def _exchange(
         self,
@@ -608,6 +635,7 @@ class TokenClient:
         where: str,
         deadline: float,
         watch: _Watch,
+        retry_stale: bool = False,
     ) -> tuple[int, Mapping[str, str], bytes]:
         try:
             resp = session.post(
@@ -620,6 +648,14 @@ class TokenClient:
                 verify=True,
             )
         except requests.exceptions.RequestException as exc:
+            if (
+                retry_stale
+                and getattr(_tracking, "reused", False)
+                and not watch.fired
+                and isinstance(exc, requests.exceptions.ConnectionError)
+                and not isinstance(exc, requests.exceptions.Timeout | requests.exceptions.SSLError)
+            ):
+                raise _StaleConnection from None
             raise _transport_error(exc, where, watch.fired) from None
         try:
             length = resp.headers.get("Content-Length")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import itertools
+import json
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -114,6 +117,109 @@ def drip(conn: socket.socket, data: bytes, interval: float, stopping: threading.
             return
         conn.sendall(data[i : i + 1])
         time.sleep(interval)
+
+
+class KeepAliveServer:
+    """A loopback HTTP/1.1 token endpoint (https with ``tls``: a (cert, key) file pair) that keeps
+    connections open and counts them: ``connections`` is how many TCP connections were accepted,
+    ``served`` lists (connection number, request number on it) per answered request.
+
+    ``behave(conn_no, req_no)`` decides each request's fate: ``"answer"`` (a 200 token answer
+    without ``Connection: close``), ``"hang up"`` (read it, close the connection unanswered, as a
+    server that times out idle connections may do just as a request arrives) or ``"drip"`` (the
+    answer one byte every 0.2 s)."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None, behave: Callable[[int, int], str] | None = None) -> None:
+        self.behave = behave or (lambda conn_no, req_no: "answer")
+        self.connections = 0
+        self.served: list[tuple[int, int]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._ctx: ssl.SSLContext | None = None
+        if tls is not None:
+            self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._conns: list[socket.socket] = []
+
+    def __enter__(self) -> KeepAliveServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                number = self.connections
+            self._conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn, number), daemon=True).start()
+
+    def _handle(self, raw: socket.socket, number: int) -> None:
+        conn = raw
+        try:
+            conn.settimeout(10)
+            if self._ctx is not None:
+                conn = self._ctx.wrap_socket(raw, server_side=True)
+            buf = b""
+            for req_no in itertools.count(1):
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.decode("latin-1").split("\r\n")[1:]:
+                    k, _, v = line.partition(":")
+                    if k.strip().lower() == "content-length":
+                        length = int(v.strip())
+                while len(buf) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                buf = buf[length:]
+                fate = self.behave(number, req_no)
+                if fate == "hang up":
+                    return
+                with self._lock:
+                    self.served.append((number, req_no))
+                body = json.dumps({"access_token": f"at-{number}-{req_no}", "expires_in": 60}).encode()
+                answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                    len(body),
+                    body,
+                )
+                if fate == "drip":
+                    drip(conn, answer, 0.2, self.stopping)
+                    return
+                conn.sendall(answer)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
 
 
 # -- a throwaway PKI ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Sessions are kept per thread and CA bundle, yet no connection and no state outlives a request."""
+"""Sessions are kept per thread, origin and CA bundle; each keeps one connection alive for the
+next request to its own origin with its own CA bundle, and no other state outlives a request."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import Any
 import pytest
 import requests
 
+from autotek_operator import errors
 from autotek_operator.dev.broker import BrokerServer
 from autotek_operator.token_client import TokenClient, TokenRequest
 
 from .conftest import CLIENT_ID, CLIENT_SECRET
-from .servers import PKI, RawRequest, RawServer
+from .servers import PKI, KeepAliveServer, RawRequest, RawServer
 
 
 @pytest.fixture
@@ -29,8 +31,8 @@ def _spy_sessions(client: TokenClient) -> list[tuple[int, str, requests.Session]
     seen: list[tuple[int, str, requests.Session]] = []
     real = client._session
 
-    def spy(ca_bundle: str) -> requests.Session:
-        session = real(ca_bundle)
+    def spy(origin: str, ca_bundle: str) -> requests.Session:
+        session = real(origin, ca_bundle)
         seen.append((threading.get_ident(), ca_bundle, session))
         return session
 
@@ -84,19 +86,20 @@ def test_the_per_thread_session_cache_is_bounded(tls_broker: BrokerServer, pki: 
     cap = TokenClient.SESSIONS_PER_THREAD
     assert cap == 16
     bundles = [pki.ca.pem + "\n" * i for i in range(cap + 4)]  # as many distinct (and valid) bundles
-    made = [client._session(b) for b in bundles]
+    origin = f"https://127.0.0.1:{tls_broker.port}"
+    made = [client._session(origin, b) for b in bundles]
     cache = client._local.sessions
     assert len(cache) == cap
     assert len({id(s) for s in made}) == cap + 4
     # The least recently used go first.
-    assert client._session(bundles[-1]) is made[-1]
-    assert client._session(bundles[4]) is made[4]
-    assert client._session(bundles[0]) is not made[0]  # dropped, made again; drops bundles[5]
-    assert client._session(bundles[4]) is made[4]
-    assert client._session(bundles[5]) is not made[5]
+    assert client._session(origin, bundles[-1]) is made[-1]
+    assert client._session(origin, bundles[4]) is made[4]
+    assert client._session(origin, bundles[0]) is not made[0]  # dropped, made again; drops bundles[5]
+    assert client._session(origin, bundles[4]) is made[4]
+    assert client._session(origin, bundles[5]) is not made[5]
     assert len(cache) == cap
     # Another thread has a cache of its own.
-    elsewhere, elsewhere_size = _in_thread(lambda: (client._session(bundles[-1]), len(client._local.sessions)))
+    elsewhere, elsewhere_size = _in_thread(lambda: (client._session(origin, bundles[-1]), len(client._local.sessions)))
     assert elsewhere is not made[-1]
     assert elsewhere_size == 1
     assert len(cache) == cap
@@ -111,17 +114,15 @@ def test_the_per_thread_session_cache_is_bounded(tls_broker: BrokerServer, pki: 
     assert tls_broker.stats()["count"] == 10
 
 
-# -- no connection and no state outlives a request ---------------------------------------------
+# -- kept-alive connections ---------------------------------------------------------------------
 
 
 class _KeepAliveServer(RawServer):
-    """Answers without ``Connection: close`` and then offers the connection for another request,
-    noting what the client did with it: closed it, reused it, or left it open."""
+    """Answers without ``Connection: close``, with a cookie if asked, then one more request."""
 
     def __init__(self, headers: bytes = b"") -> None:
         super().__init__(self._respond)
         self.extra_headers = headers
-        self.outcomes: list[str] = []
         self._lock = threading.Lock()
         self._n = 0
 
@@ -141,40 +142,137 @@ class _KeepAliveServer(RawServer):
         try:
             more = conn.recv(65536)
         except TimeoutError:
-            self.outcomes.append("left open")
             return
         if more:
-            self.outcomes.append("reused")
+            self.requests.append(RawRequest("POST", "", _headers(more), b""))
             self._answer(conn)
-        else:
-            self.outcomes.append("closed")
 
 
-def test_each_request_opens_and_closes_its_own_connection(make_client) -> None:
-    with _KeepAliveServer() as server:
+def _headers(data: bytes) -> dict[str, str]:
+    lines = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def _spy_watches(client: TokenClient) -> list[list[Any]]:
+    """The connection list each request's deadline guarded, one per request."""
+    watched: list[list[Any]] = []
+    real_watch = client._watchdog.watch
+
+    def spy(deadline: float, conns: list[Any]) -> Any:
+        watched.append(conns)
+        return real_watch(deadline, conns)
+
+    client._watchdog.watch = spy  # type: ignore[method-assign]
+    return watched
+
+
+def test_a_thread_reuses_its_connection_and_each_deadline_guards_it(make_client) -> None:
+    with KeepAliveServer() as server:
         client = make_client(server.url)
-        watched: list[list[Any]] = []
-        real_watch = client._watchdog.watch
-
-        def spy(deadline: float, conns: list[Any]) -> Any:
-            watched.append(conns)
-            return real_watch(deadline, conns)
-
-        client._watchdog.watch = spy
+        watched = _spy_watches(client)
         req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
-        tokens = [client.request(req).access_token for _ in range(3)]
+        tokens = [client.request(req).access_token for _ in range(5)]
+        assert server.connections == 1  # five requests, one TCP connection
+        assert server.served == [(1, n) for n in range(1, 6)]
+        assert len(set(tokens)) == 5
+        # Each deadline guarded the connection its request used: the same, kept-alive one.
+        assert len(watched) == 5
+        assert all(len(conns) == 1 for conns in watched)
+        assert len({id(conns[0]) for conns in watched}) == 1
+
         workers = [threading.Thread(target=lambda: [client.request(req) for _ in range(3)]) for _ in range(3)]
         for w in workers:
             w.start()
         for w in workers:
             w.join(timeout=10)
-    assert len(set(tokens)) == 3
-    assert len(server.requests) == 12  # one connection per request...
-    assert server.outcomes == ["closed"] * 12  # ...closed by the client as soon as it was answered
-    assert all(r.headers.get("connection") == "close" for r in server.requests)
-    # Each deadline guarded the one connection opened for its own request.
-    assert len(watched) == 12
-    assert all(len(conns) == 1 for conns in watched)
+        assert len(server.served) == 14
+        assert server.connections == 4  # one more per thread, each reused by its own thread
+
+
+def test_kept_connections_are_per_origin(make_client) -> None:
+    with KeepAliveServer() as server:
+        by_name = f"http://localhost:{server.port}"
+        client = make_client(server.url, by_name)
+        for base in (server.url, by_name, server.url, by_name):
+            client.request(TokenRequest(base + "/token", CLIENT_ID, CLIENT_SECRET))
+        assert server.connections == 2  # 127.0.0.1 and localhost: another origin, another connection
+        assert len(server.served) == 4
+
+
+def test_another_ca_bundle_gets_another_connection_and_tls_is_still_verified(pki: PKI, make_client) -> None:
+    with KeepAliveServer(tls=(pki.server_cert, pki.server_key)) as server:
+        client = make_client(server.url)
+        url = server.url + "/token"
+        one = pki.ca.pem
+        two = pki.other_ca.pem + "\n" + pki.ca.pem  # also verifies the server, but is another bundle
+        for bundle in (one, one, two, two, one):
+            client.request(TokenRequest(url, CLIENT_ID, CLIENT_SECRET, ca_bundle=bundle))
+        assert server.connections == 2  # one per bundle, each reused
+        assert len(server.served) == 5
+        # A bundle that does not verify the server is refused, though a verified connection to the
+        # same origin is open and idle: it is not lent to a request with another bundle.
+        with pytest.raises(errors.TokenEndpointUnavailable, match="TLS verification"):
+            client.request(TokenRequest(url, CLIENT_ID, CLIENT_SECRET, ca_bundle=pki.other_ca.pem))
+        # Nor to a request with none (the system's CAs do not know this test CA).
+        with pytest.raises(errors.TokenEndpointUnavailable, match="TLS verification"):
+            client.request(TokenRequest(url, CLIENT_ID, CLIENT_SECRET))
+        assert len(server.served) == 5
+        client.request(TokenRequest(url, CLIENT_ID, CLIENT_SECRET, ca_bundle=one))
+        assert server.connections == 4  # the two refused handshakes; the bundle's own is still there
+        assert server.served[-1][0] == 1
+
+
+def test_a_connection_the_server_hung_up_is_replaced_once(make_client) -> None:
+    # The server takes the second request on the first connection and closes it unanswered.
+    with KeepAliveServer(
+        behave=lambda conn_no, req_no: "hang up" if (conn_no, req_no) == (1, 2) else "answer"
+    ) as server:
+        client = make_client(server.url)
+        req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
+        client.request(req)
+        assert client.request(req).access_token == "at-2-1"  # answered on a new connection
+        client.request(req)
+        assert server.connections == 2
+        assert server.served == [(1, 1), (2, 1), (2, 2)]
+
+    # A fresh connection hung up on is an error, not retried.
+    with KeepAliveServer(behave=lambda conn_no, req_no: "hang up") as server:
+        client = make_client(server.url)
+        with pytest.raises(errors.TokenEndpointUnavailable):
+            client.request(TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET))
+        assert server.connections == 1
+
+
+def test_the_deadline_holds_on_a_kept_connection_which_is_then_dropped(make_client) -> None:
+    with KeepAliveServer(behave=lambda conn_no, req_no: "drip" if (conn_no, req_no) == (1, 2) else "answer") as server:
+        client = make_client(server.url, timeout=0.3)
+        req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
+        client.request(req)
+        with pytest.raises(errors.TokenEndpointUnavailable, match="timed out"):
+            client.request(req)  # the second answer drips on the kept connection: cut off
+        client.request(req)
+        assert server.connections == 2  # the timed-out connection was not kept
+        assert server.served[-1] == (2, 1)
+
+
+def test_a_failed_answer_does_not_keep_its_connection(make_client) -> None:
+    # An answer too large is refused unread: its connection is closed, not kept half-read.
+    with KeepAliveServer() as server:
+        client = make_client(server.url, max_body=10)
+        req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
+        for _ in range(2):
+            with pytest.raises(errors.InvalidTokenResponse):
+                client.request(req)
+        assert server.connections == 2
+
+
+def test_requests_keep_their_connection_unless_the_server_closes_it(make_client) -> None:
+    with _KeepAliveServer() as server:  # serves two requests per connection, then closes it
+        client = make_client(server.url)
+        req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
+        tokens = [client.request(req).access_token for _ in range(4)]
+    assert len(set(tokens)) == 4
+    assert all(r.headers.get("connection") != "close" for r in server.requests)
 
 
 def test_cookies_are_not_carried_between_requests(make_client) -> None:
