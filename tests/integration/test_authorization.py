@@ -62,9 +62,15 @@ def test_the_operator_is_its_service_account_not_admin(cluster: Cluster, operato
     # What the ClusterRole of manifests/ grants, in any namespace ...
     assert can(cluster, identity, "watch", "autotekcredentials", ns, "autotek.io")
     assert can(cluster, identity, "create", "secrets", ns)
+    # ClusterAutoTekCredentials and the namespaces they select: read only (no finalizer on a namespace) ...
+    assert can(cluster, identity, "watch", "clusterautotekcredentials", group="autotek.io")
+    assert can(cluster, identity, "patch", "clusterautotekcredentials/status", group="autotek.io")
+    assert can(cluster, identity, "watch", "namespaces")
+    assert not can(cluster, identity, "update", "namespaces")
+    assert not can(cluster, identity, "create", "clusterautotekcredentials", group="autotek.io")
     # ... and nothing an admin has.
     assert not can(cluster, identity, "delete", "autotekcredentials", ns, "autotek.io")
-    assert not can(cluster, identity, "list", "namespaces")
+    assert not can(cluster, identity, "delete", "namespaces")
     assert not can(cluster, identity, "patch", "deployments", ns, "apps")
     assert not can(cluster, identity, "create", "clusterrolebindings", group="rbac.authorization.k8s.io")
 
@@ -80,13 +86,17 @@ def own_operators(operator: Operator) -> Iterator[list[Operator]]:
 
 def test_namespaced_overlay_roles_are_enough(cluster: Cluster, broker: Broker, workdir: Path, ns: str,
                                              client: Client, own_operators: list[Operator]) -> None:
-    """manifests/overlays/namespaced: its Roles (moved into the test's namespace) and nothing cluster-wide."""
+    """manifests/overlays/namespaced: its Roles (moved into the test's namespace) and, cluster-wide, only the
+    ClusterRole of the cluster kind and namespaces (no Secrets)."""
     assert cluster.rbac is not None
     docs = cluster.rbac.rendered(NAMESPACED)
-    assert not rbac.pick(docs, "ClusterRole") and not rbac.pick(docs, "ClusterRoleBinding")
+    companions = rbac.companion_roles(docs)
+    assert [r["metadata"]["name"] for r in rbac.pick(docs, "ClusterRole")] == [
+        f"{CLUSTER_ROLE}-cluster-credentials"], rbac.pick(docs, "ClusterRole")
+    assert not [r for c in companions for r in c["rules"] if "secrets" in r.get("resources", [])], companions
     watched = rbac.one(docs, "Role", CLUSTER_ROLE)  # the overlay's Role for its example namespace
     identity = cluster.rbac.service_account("autotek-operator-namespaced", source=NAMESPACED,
-                                            roles=[rbac.bare(watched, namespace=ns)])
+                                            roles=[rbac.bare(watched, namespace=ns)], shared_cluster_roles=companions)
     assert not can(cluster, identity, "list", "secrets")  # cluster-wide: no
     assert not can(cluster, identity, "list", "autotekcredentials", group="autotek.io")
     assert can(cluster, identity, "list", "secrets", ns)
@@ -118,7 +128,8 @@ def test_a_missing_rule_fails(cluster: Cluster, broker: Broker, workdir: Path, n
     base = rbac.one(cluster.rbac.rendered(), "ClusterRole", CLUSTER_ROLE)
     label = f"{verb}-{resource.replace('/', '-')}"
     crippled = rbac.without_verb(base, group, resource, verb, f"{CLUSTER_ROLE}-without-{label}-{cluster.scope}")
-    identity = cluster.rbac.service_account(f"autotek-operator-without-{label}", cluster_roles=[crippled])
+    identity = cluster.rbac.service_account(f"autotek-operator-without-{label}", cluster_roles=[crippled],
+                                            shared_cluster_roles=rbac.companion_roles(cluster.rbac.rendered()))
     assert can(cluster, cluster.identity(), verb, resource, ns, group)  # the base grants it
     assert not can(cluster, identity, verb, resource, ns, group)
     scope = new_scope()
