@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import secrets as _random
+import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import kubernetes
 import urllib3
@@ -109,8 +112,77 @@ def _path(*parts: str) -> str:
     return "/" + "/".join(quote(p, safe="") for p in parts)
 
 
+class Transport:
+    """The cheapest way to the API server that keeps the client's configuration: its urllib3 pool
+    (TLS, client certificates, CA, proxy, pool size, no retries: built by the kubernetes client
+    from its ``Configuration``) with keep-alive connections, plain ``json`` in and out, and the
+    bearer token from the configuration as its own calls get it: through its refresh hook, which
+    re-reads a ServiceAccount token file as it rotates (``load_incluster_config``) or runs a
+    kubeconfig's exec plugin again. The hook is consulted at most every ``AUTH_EVERY`` seconds
+    (the kubernetes client itself re-reads the token file once a minute). None of
+    ``ApiClient.call_api``'s per-call machinery (parameter sanitising, model deserialising, the
+    proxy environment looked up on each read of ``Configuration.host``). Headers are never logged."""
+
+    #: Seconds between two looks at the configuration's token (and its refresh hook).
+    AUTH_EVERY = 5.0
+
+    def __init__(self, api_client: ApiClient) -> None:
+        self.config = api_client.configuration
+        self.pool = api_client.rest_client.pool_manager
+        self.base = self.config.host.rstrip("/")
+        self.user_agent = str(api_client.default_headers.get("User-Agent") or c.MANAGER)
+        self._auth: str | None = None
+        self._auth_at = -math.inf
+        self._lock = threading.Lock()
+
+    def authorization(self) -> str | None:
+        now = time.monotonic()
+        if now - self._auth_at >= self.AUTH_EVERY:
+            with self._lock:
+                if now - self._auth_at >= self.AUTH_EVERY:
+                    self._auth = self.config.get_api_key_with_prefix("BearerToken", alias="authorization")
+                    self._auth_at = now
+        return self._auth
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        content_type: str,
+        query: Mapping[str, str] | None,
+        timeout: tuple[float, float],
+    ) -> Any:
+        headers = {"Accept": JSON, "User-Agent": self.user_agent}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body, separators=(",", ":")).encode()
+        auth = self.authorization()
+        if auth:
+            headers["Authorization"] = auth
+        url = self.base + path
+        if query:
+            url += "?" + urlencode(query)
+        resp = self.pool.request(
+            method,
+            url,
+            body=data,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            retries=False,
+            redirect=False,
+            preload_content=True,
+        )
+        if not 200 <= resp.status <= 299:
+            exc = ApiException(status=resp.status, reason=resp.reason)
+            exc.headers = resp.headers  # Retry-After; the body (which could echo data) is not kept
+            raise exc
+        return _json(resp.data)
+
+
 def request(
-    api_client: ApiClient,
+    api_client: ApiClient | Transport,
     method: str,
     path: str,
     body: Mapping[str, Any] | None = None,
@@ -123,22 +195,14 @@ def request(
 
     The client's typed API methods turn a dict body into their model first and write it out
     again, which loses what the model cannot hold (a MicroTime's zero fraction, unknown fields):
-    the body built here is the body the API server receives. Auth comes from the client's
-    configuration, as for its own calls (including token refresh)."""
-    headers = {"Accept": JSON}
-    if body is not None:
-        headers["Content-Type"] = content_type
-    verb, url, headers, _, _ = api_client.param_serialize(
-        method, path, query_params=list((query or {}).items()), header_params=headers, auth_settings=["BearerToken"]
-    )
-    resp = api_client.call_api(verb, url, headers, dict(body) if body is not None else None, _request_timeout=timeout)
-    resp.read()  # type: ignore[no-untyped-call]
-    if not 200 <= resp.status <= 299:
-        raise ApiException(http_resp=resp)
-    return _json(resp)
+    the body built here is the body the API server receives. It goes out through a ``Transport``
+    (made from ``api_client`` if that is what is given): the client's connection pool, TLS and
+    auth (token refresh included), without its per-call machinery."""
+    transport = api_client if isinstance(api_client, Transport) else Transport(api_client)
+    return transport.request(method, path, body, content_type, query, timeout)
 
 
-def _request_or_none(api_client: ApiClient, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+def _request_or_none(api_client: ApiClient | Transport, method: str, path: str, body: Any = None, **kw: Any) -> Any:
     """Like request, but None when the object does not exist (404)."""
     try:
         return request(api_client, method, path, body, **kw)
@@ -175,7 +239,7 @@ class Kube:
     ``Conflict`` (see ``api_call``), 404 as None where that is meaningful."""
 
     def __init__(self, api_client: ApiClient) -> None:
-        self.api_client = api_client
+        self.api_client = Transport(api_client)
 
     @api_call("", "secrets", "get")
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -283,11 +347,12 @@ class Kube:
         kind: str = c.KIND,
     ) -> None:
         """An Event about a credential, in ``namespace``: the credential's own, or for a
-        ClusterAutoTekCredential (``kind``) the operator's namespace."""
+        ClusterAutoTekCredential (``kind``) the operator's namespace. The API server accepts an
+        Event about a cluster-scoped object only in ``default`` unless its involvedObject names the
+        Event's namespace, so the involvedObject carries the operator's namespace: find them with
+        ``kubectl get events -n <operator namespace> --field-selector involvedObject.name=NAME``."""
         stamp = format_time(now)
-        involved = {"apiVersion": c.API_VERSION, "kind": kind, "name": name, "uid": uid}
-        if kind != c.CLUSTER_KIND:
-            involved["namespace"] = namespace
+        involved = {"apiVersion": c.API_VERSION, "kind": kind, "name": name, "namespace": namespace, "uid": uid}
         body = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -306,8 +371,7 @@ class Kube:
         request(self.api_client, "POST", _path("api", "v1", "namespaces", namespace, "events"), body)
 
 
-def _json(resp: Any) -> Any:
-    data = resp.data if hasattr(resp, "data") else resp
+def _json(data: bytes) -> Any:
     if not data:
         return {}
     try:
