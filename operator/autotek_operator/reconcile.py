@@ -556,7 +556,8 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
     template_problems: list[str] = []
     deferred = False  # a new token is wanted, but backoff or the floor says not yet
     nothing_selected = False
-    restored: list[str] = []
+    restored: list[str] = []  # Secrets rewritten with the held token (an Event)
+    provisioned: list[str] = []  # namespaces new to a cluster credential, given the held token (logged)
 
     try:
         spec = parse_spec(st.spec, name=st.name, cluster=st.cluster)
@@ -634,11 +635,12 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
                     _namespace_failed(t, failure, now, deps)
                     continue
                 written, wrote = result
+                known = t.version is not None  # written by this operator before: a write now restores it
                 t.body, t.version = written, written.version
                 t.clear_failure()
                 wrote_any = wrote_any or wrote
                 if wrote and issued is None:
-                    restored.append(ns)
+                    (restored if known or not st.cluster else provisioned).append(ns)
             if spec.target.data:
                 template_problems = render_templates(spec.target.data, held)[1]
                 if wrote_any and template_problems:
@@ -656,6 +658,13 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
             target_ok = bool(st.selected) and so_far.provisioned == so_far.selected
         else:
             delivered = target_ok = st.namespace in looked and st.token is not None and st.token.valid(now)
+        if provisioned:
+            log.info(
+                "%s: wrote Secret %s with the held token into namespace(s) %s",
+                st.label(),
+                spec.target.name,
+                _first(provisioned),
+            )
         if restored and st.token is not None:
             where = f" in namespace(s) {_first(restored)}" if st.cluster else ""
             log.info("%s: restored Secret %s%s with the held token", st.label(), spec.target.name, where)
