@@ -130,6 +130,21 @@ class FakeKube:
         cur = self.statuses.setdefault((namespace, name), {})
         _merge(cur, copy.deepcopy(status))
 
+    #: ClusterAutoTekCredentials that still exist, by name (to confirm a deletion).
+    cluster_credentials: dict[str, dict[str, Any]]
+
+    def get_cluster_credential(self, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get-cluster-credential", name))
+        self._maybe_fail()
+        found = getattr(self, "cluster_credentials", {}).get(name)
+        return copy.deepcopy(found) if found is not None else None
+
+    def patch_cluster_credential_status(self, name: str, status: dict[str, Any]) -> None:
+        self.calls.append(("status", name))
+        self._maybe_fail()
+        cur = self.statuses.setdefault(("", name), {})
+        _merge(cur, copy.deepcopy(status))
+
     def create_event(self, **kw: Any) -> None:
         self.calls.append(("event", kw["reason"]))
         self.events.append(kw)
