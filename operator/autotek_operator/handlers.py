@@ -28,6 +28,7 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi
 from . import constants as c
 from . import health, kube, metrics
 from .config import Settings
+from .events import EventRecorder
 from .leader import FOLLOWING, LEADING, LeaderElector
 from .reconcile import Deps
 from .runtime import Runtime
@@ -55,6 +56,7 @@ class _Holder:
     #: The last leader-election round's result (None before the first; always "leading" without election).
     election_result: str | None = None
     probes: aiohttp.web.AppRunner | None = None
+    events: EventRecorder | None = None
 
 
 STATE = _Holder()
@@ -119,6 +121,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         cluster_client_namespaces=frozenset(s.cluster_credential_namespaces),
         event_namespace=s.operator_namespace,
     )
+    deps.events = STATE.events = EventRecorder(deps.kube)
     runtime = STATE.runtime = Runtime(deps, workers=s.workers)
     runtime.cluster_kind = True
     runtime.confirm_deletions = bool(s.credential_selector)
@@ -225,6 +228,8 @@ async def cleanup(**_: Any) -> None:
         await asyncio.to_thread(watch.stop)
     if STATE.runtime is not None:
         await STATE.runtime.stop()
+    if STATE.events is not None:
+        await asyncio.to_thread(STATE.events.close, 5.0)  # flush the queued Events, best effort
     if STATE.elector is not None and STATE.runtime is not None and STATE.runtime.active:
         await asyncio.to_thread(STATE.elector.release)
     log.info("autotek-operator stopped")

@@ -38,6 +38,10 @@ ORPHANED_SECRETS = Counter(
     "by action (unmerge, delete).",
     ["action"],
 )
+EVENTS_DROPPED = Counter(
+    "autotek_events_dropped_total",
+    "Events not posted because the queue of Events waiting to be posted was full.",
+)
 CONDITIONS = ("True", "False", "Unknown")
 
 
@@ -52,6 +56,10 @@ def observe_secret_write(operation: str) -> None:
 
 def observe_restart(result: str) -> None:
     ROLLOUT_RESTARTS.labels(result=result).inc()
+
+
+def observe_event_dropped() -> None:
+    EVENTS_DROPPED.inc()
 
 
 def observe_orphan_cleaned(action: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from . import constants as c
 from . import errors, metrics, scheduling
+from .events import EventRecorder
 from .kube import Conflict, Kube
 from .spec import CREATION_MERGE, DELETION_DELETE, CredentialSpec, parse_spec
 from .state import UNKNOWN, ClientCredentials, CredentialState, NamespaceTarget
@@ -70,6 +71,8 @@ class Deps:
     event_namespace: str = "autotek-system"
     #: Runs the namespaces' reads and writes of a ClusterAutoTekCredential concurrently (None: in turn).
     fan_out: Executor | None = None
+    #: Posts Events in the background (events.EventRecorder); None: on the pass's own thread.
+    events: EventRecorder | None = None
 
 
 __all__ = ["UNKNOWN", "ClientCredentials", "CredentialState", "Deps", "NamespaceTarget", "run_pass"]
@@ -232,28 +235,22 @@ def _written(secret: Mapping[str, Any], token: HeldToken) -> Written:
 
 
 def _event(deps: Deps, st: CredentialState, event_type: str, reason: str, message: str, now: datetime) -> None:
+    event: dict[str, Any] = {
+        "namespace": deps.event_namespace if st.cluster else st.namespace,
+        "name": st.name,
+        "uid": st.uid,
+        "event_type": event_type,
+        "reason": reason,
+        "message": message,
+        "now": now,
+    }
+    if st.cluster:
+        event["kind"] = st.kind
+    if deps.events is not None:
+        deps.events.record(st.label(), **event)  # posted in the background, off the path to Ready
+        return
     try:
-        if st.cluster:
-            deps.kube.create_event(
-                namespace=deps.event_namespace,
-                name=st.name,
-                uid=st.uid,
-                event_type=event_type,
-                reason=reason,
-                message=message,
-                now=now,
-                kind=st.kind,
-            )
-            return
-        deps.kube.create_event(
-            namespace=st.namespace,
-            name=st.name,
-            uid=st.uid,
-            event_type=event_type,
-            reason=reason,
-            message=message,
-            now=now,
-        )
+        deps.kube.create_event(**event)
     except errors.AutoTekError as exc:
         log.warning("%s: could not post event %s: %s", st.label(), reason, exc.message)
 
