@@ -371,7 +371,8 @@ def test_namespaces_created_labelled_in_and_out_deleted_and_terminating(world: W
     assert token not in json.dumps(obj) and client.client_secret not in json.dumps(obj)
     assert st["secretName"] == "autotek-token" and st.get("expiresAt") and st.get("nextRefreshTime"), st
     assert cond["message"], cond
-    assert w.events(name, "TokenIssued"), "no TokenIssued Event in the operator's namespace"
+    # Events are posted in the background: one may trail the status by a moment.
+    wait_for("a TokenIssued Event in the operator's namespace", lambda: w.events(name, "TokenIssued"), timeout=10)
 
     # Created into the selection: provisioned within seconds, through the namespace watch, with the held token.
     c = w.namespace("cc-c", {SELECT: sel})

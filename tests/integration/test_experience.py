@@ -135,5 +135,7 @@ def test_rollout_restart_after_rotation(cluster: Cluster, broker: Broker, ns: st
     assert (rollout["status"], rollout["reason"]) == ("False", "RestartTargetNotFound")
     assert "Deployment gone" in rollout["message"]
     assert (cluster.ready(ns, "autotek") or {}).get("status") == "True"
-    reasons = [e["reason"] for e in cluster.events(ns)]
-    assert "RolloutRestarted" in reasons and "RestartTargetNotFound" in reasons
+    # Events are posted in the background: one may trail the status by a moment.
+    wanted = {"RolloutRestarted", "RestartTargetNotFound"}
+    wait_for("the RolloutRestarted and RestartTargetNotFound Events",
+             lambda: wanted <= {e["reason"] for e in cluster.events(ns)}, timeout=10)

@@ -90,8 +90,8 @@ def test_issue_on_create(cluster: Cluster, broker: Broker, ns: str, client: Clie
     next_refresh = parse(status["nextRefreshTime"])
     # Two thirds of the lifetime, moved earlier by at most the jitter.
     assert expires - timedelta(seconds=3600 * 0.33 + 130) <= next_refresh <= expires - timedelta(seconds=3600 * 0.33)
-    reasons = [e["reason"] for e in cluster.events(ns)]
-    assert "TokenIssued" in reasons
+    # Events are posted in the background: one may trail the status by a moment.
+    wait_for("a TokenIssued Event", lambda: "TokenIssued" in [e["reason"] for e in cluster.events(ns)], timeout=10)
 
 
 def test_rotation_before_expiry(cluster: Cluster, broker: Broker, ns: str, client: Client) -> None:
@@ -106,7 +106,7 @@ def test_rotation_before_expiry(cluster: Cluster, broker: Broker, ns: str, clien
     assert second in broker.stats()["tokens"]
     assert cluster.ready(ns, "autotek")["status"] == "True"  # type: ignore[index]
     assert len(broker.requests_for(client.client_id)) == 2
-    assert "TokenRotated" in [e["reason"] for e in cluster.events(ns)]
+    wait_for("a TokenRotated Event", lambda: "TokenRotated" in [e["reason"] for e in cluster.events(ns)], timeout=10)
 
 
 def test_client_secret_change_gets_new_token(cluster: Cluster, broker: Broker, ns: str, client: Client) -> None:
@@ -223,7 +223,8 @@ def test_deleted_or_edited_target_is_restored_without_new_request(cluster: Clust
     cluster.core.replace_namespaced_secret("autotek", ns, secret)
     wait_for("the edit to be reverted", lambda: token_in(cluster, ns) == token, timeout=60)
     assert len(broker.requests_for(client.client_id)) == 1
-    assert "SecretRestored" in [e["reason"] for e in cluster.events(ns)]
+    wait_for("a SecretRestored Event", lambda: "SecretRestored" in [e["reason"] for e in cluster.events(ns)],
+             timeout=10)
 
 
 def test_restart_makes_no_token_request(cluster: Cluster, broker: Broker, operator: Operator, ns: str,
@@ -248,8 +249,9 @@ def test_invalid_client_then_fixed(cluster: Cluster, broker: Broker, ns: str) ->
     cluster.create_credential(ns, "autotek", spec_for(broker))
     cond = wait_ready(cluster, ns, status="False", reason="InvalidClient")
     assert "401" in cond["message"]
-    warnings = [e for e in cluster.events(ns) if e["reason"] == "InvalidClient"]
-    assert warnings and warnings[0]["type"] == "Warning"
+    warnings = wait_for("an InvalidClient Event",
+                        lambda: [e for e in cluster.events(ns) if e["reason"] == "InvalidClient"], timeout=10)
+    assert warnings[0]["type"] == "Warning"
     assert "grant_type=client_credentials" in warnings[0]["message"]
     good = new_client(cluster, broker, ns)
     wait_ready(cluster, ns, timeout=20)
