@@ -43,6 +43,10 @@ Change = Callable[[CredentialState], bool]
 CRASH_RETRY_SECONDS = 60.0
 #: The namespace part of a ClusterAutoTekCredential's key (no namespace is called "").
 CLUSTER = ""
+#: At most this many early client Secrets are kept (``Runtime.early_clients``), each of at most
+#: this many bytes of data: client Secrets are small; TLS, registry and Helm release Secrets are not kept.
+EARLY_CLIENTS_MAX = 50_000
+EARLY_CLIENT_BYTES = 4096
 
 
 def _secret_refs(namespace: str, name: str, spec: Mapping[str, Any]) -> tuple[Key | None, Key]:
@@ -67,6 +71,10 @@ class Runtime:
         self.refs: dict[Key, tuple[Key | None, frozenset[Key]]] = {}
         #: resourceVersion of every Secret seen on the watch (to spot changes made while down).
         self.secret_versions: dict[Key, str] = {}
+        #: Small Opaque Secrets seen (version and data only) while the credentials are still being
+        #: listed, before any credential names them: a credential listed after its client Secret
+        #: takes it from here instead of a GET. Dropped once every credential list is complete.
+        self.early_clients: dict[Key, dict[str, Any]] = {}
         #: Namespaces (None: all) whose Secrets have been listed completely at least once; once
         #: every watched scope is, a Secret missing from ``secret_versions`` is known not to exist.
         self.secret_scopes: set[str | None] = set()
@@ -148,6 +156,30 @@ class Runtime:
         scopes = self.secret_scopes
         listed = bool(scopes) and scopes <= self.listed_scopes and scopes <= self.listed_credential_scopes
         return listed and self._cluster_lists_complete()
+
+    def _drop_early_clients(self) -> None:
+        """Every credential listed: each named Secret is indexed, the early copies are not needed."""
+        if self.early_clients and self.secret_scopes <= self.listed_credential_scopes:
+            if not self.cluster_kind or self.cluster_listed:
+                self.early_clients = {}
+
+    def _keep_early_client(self, skey: Key, version: str, body: Mapping[str, Any]) -> None:
+        """Keep (or refresh, or drop) the early copy of a Secret, while credentials are being listed."""
+        listing = (
+            not self.secret_scopes
+            or not self.secret_scopes <= self.listed_credential_scopes
+            or (self.cluster_kind and not self.cluster_listed)
+        )
+        data = body.get("data") or {}
+        if (
+            listing
+            and body.get("type") in (None, "Opaque")
+            and sum(len(v) for v in data.values() if isinstance(v, str)) <= EARLY_CLIENT_BYTES
+            and (skey in self.early_clients or len(self.early_clients) < EARLY_CLIENTS_MAX)
+        ):
+            self.early_clients[skey] = {"metadata": {"resourceVersion": version}, "data": dict(data)}
+        else:
+            self.early_clients.pop(skey, None)  # never an outdated copy
 
     def _cluster_lists_complete(self) -> bool:
         return not self.cluster_kind or (self.namespaces_listed and self.cluster_listed)
@@ -496,6 +528,7 @@ class Runtime:
             log.info("%s/%s: no longer listed (deleted, or no longer selected); forgotten", key[0], key[1])
             self._forget(key)
         self.listed_credential_scopes.add(namespace)
+        self._drop_early_clients()
         if namespace in self.listed_scopes:
             self.converge_scope(namespace)
 
@@ -513,6 +546,7 @@ class Runtime:
             self._forget(key)
         self._reconsider_yields()
         self.cluster_listed = True
+        self._drop_early_clients()
         self._converge_listed()
 
     def on_namespace_events(self, batch: list[tuple[str | None, dict[str, Any]]]) -> None:
@@ -714,6 +748,9 @@ class Runtime:
             st = CredentialState.from_body(body, kind)
             self.states[key] = st
             self._index(key, spec)
+            client_key = self.refs[key][0]
+            if client_key is not None and client_key in self.early_clients:
+                st.client_body = self.early_clients[client_key]  # delivered by the list: no GET
             st.force_new = self._resume_reason(st)
             if cluster:
                 self.selected[key] = self._compute_selected(key)
@@ -811,8 +848,10 @@ class Runtime:
         if deleted:
             self.secret_versions.pop(skey, None)
             self.marked.pop(skey, None)
+            self.early_clients.pop(skey, None)
         else:
             self.secret_versions[skey] = version
+            self._keep_early_client(skey, version, body)
             mark = converge.mark_of(body)
             if mark is not None:
                 self.marked[skey] = mark

@@ -121,3 +121,39 @@ async def test_conflict_is_retried_when_the_target_secret_changes(rt: Any) -> No
     await settle(runtime)
     assert tokens.count == 1
     assert kube.statuses[(NS, "autotek")]["conditions"][0]["status"] == "True"
+
+
+async def test_a_client_secret_listed_before_its_credential_is_not_read_again(rt: Any) -> None:
+    runtime, kube, tokens = rt
+    runtime.secret_scopes = {NS}
+    # The Secret list arrives first (the client Secret, changed once while listing; a TLS Secret;
+    # a large one), then the credential list.
+    runtime.on_secret_event(None, kube.secrets[(NS, "client")])
+    runtime.on_secret_event("MODIFIED", kube.put_secret(NS, "client", {"client_id": "id", "client_secret": "newer"}))
+    tls = kube.put_secret(NS, "tls", {"tls.crt": "c", "tls.key": "k"}, type="kubernetes.io/tls")
+    runtime.on_secret_event(None, tls)
+    runtime.on_secret_event(None, kube.put_secret(NS, "big", {"blob": "x" * 5000}))
+    runtime.on_secrets_listed(NS, {(NS, "client"), (NS, "tls"), (NS, "big")})
+    assert set(runtime.early_clients) == {(NS, "client")}
+    runtime.on_credential_event(None, credential())
+    runtime.on_credentials_listed(NS, {(NS, "autotek")})
+    assert runtime.early_clients == {}  # every credential listed: the early copies are gone
+    await settle(runtime)
+    assert tokens.count == 1
+    assert tokens.requests[-1].client_secret == "newer"  # the latest copy, never an outdated one
+    assert ("get", "client") not in kube.calls
+    # Once the credentials are listed, Secrets no credential names are not kept.
+    runtime.on_secret_event(None, kube.put_secret(NS, "later", {"client_id": "x", "client_secret": "y"}))
+    assert runtime.early_clients == {}
+
+
+async def test_a_deleted_early_client_secret_is_not_used(rt: Any) -> None:
+    runtime, kube, tokens = rt
+    runtime.secret_scopes = {NS}
+    runtime.on_secret_event(None, kube.secrets[(NS, "client")])
+    runtime.on_secret_event("DELETED", kube.secrets.pop((NS, "client")))
+    assert runtime.early_clients == {}
+    runtime.on_credential_event(None, credential())
+    await settle(runtime)
+    assert tokens.count == 0
+    assert ("get", "client") in kube.calls  # not known from the watch: read, and not found
