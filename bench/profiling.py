@@ -132,6 +132,8 @@ def by_call(raw_path: Path) -> dict[str, Any]:
                     label = lbl
                     break
             counts["worker: " + label] += count
+        elif any(p.endswith("autotek_operator/events.py") for _, p in frames):
+            counts["Event recorder thread (posting Events, off the path to Ready)"] += count
         elif any("importlib" in p for _, p in frames):
             counts["start-up (imports)"] += count
         elif any(p.endswith("autotek_operator/watch.py") for _, p in frames):
