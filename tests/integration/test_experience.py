@@ -67,11 +67,13 @@ def test_metrics_during_a_burst(cluster: Cluster, broker: Broker, ns: str, featu
     thread = threading.Thread(target=scraper)
     thread.start()
     try:
+        wait_for("a first scrape", lambda: scrapes, timeout=10)
         for i in range(12):
             cluster.create_credential(ns, f"c{i}", {"clientSecretRef": {"name": f"client-{i}"},
                                                     "tokenURL": broker.token_url})
         wait_for("12 Ready", lambda: all((cluster.ready(ns, f"c{i}") or {}).get("status") == "True"
                                          for i in range(12)), timeout=40)
+        wait_for("two more scrapes", lambda: len(scrapes) >= 3, timeout=10)  # the burst may be over already
     finally:
         stop.set()
         thread.join()
