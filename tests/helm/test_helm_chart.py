@@ -143,6 +143,7 @@ BAD_VALUES = [
     ("zero lease duration", {"leaderElection.leaseDuration": 0}, "/leaderElection/leaseDuration"),
     ("watchNamespaces as text", {"watchNamespaces": "shop"}, "/watchNamespaces"),
     ("invalid namespace name", {"watchNamespaces": ["Shop_1"]}, "/watchNamespaces/0"),
+    ("invalid client Secret namespace", {"clusterCredentialNamespaces": ["Ops_1"]}, "/clusterCredentialNamespaces/0"),
     ("token URL without scheme", {"allowedTokenURLs": ["api.autograb.com.au"]}, "/allowedTokenURLs/0"),
     ("no token URL", {"allowedTokenURLs": []}, "/allowedTokenURLs"),
     ("http timeout too long", {"httpTimeout": 301}, "/httpTimeout"),
@@ -197,6 +198,7 @@ def test_the_settings_reach_the_operator() -> None:
 
     env = env_of(template(values_files=helmkit.variant_values("namespaced"), set_values={
         "credentialSelector": "team=a", "workers": 4, "leaderElection.leaseDuration": 60,
+        "clusterCredentialNamespaces": ["autotek-system", "platform-secrets"],
         "allowedTokenURLs": ["https://a.example/", "http://b.example:8080/"]}))
     unknown = {k for k in env if k.startswith("AUTOTEK_")} - set(config.ENV.values())
     assert not unknown, f"the chart sets variables the operator does not read: {unknown}"
@@ -204,6 +206,7 @@ def test_the_settings_reach_the_operator() -> None:
     assert s.namespaces == ("shop",) and s.credential_selector == "team=a" and s.workers == 4
     assert s.leader_election and s.leader_election_lease_duration == 60
     assert s.allowed_token_urls == ("https://a.example/", "http://b.example:8080/")
+    assert s.cluster_credential_namespaces == ("autotek-system", "platform-secrets")
 
 
 def test_namespaced_mode_has_no_cluster_wide_permissions() -> None:
