@@ -102,7 +102,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False  # Events are posted by the runtime, one per outcome
     # kopf watches nothing itself: no need to scan for CRDs or namespaces (nor the RBAC for it).
     settings.scanning.disabled = True
-    api = kube.load_api_client(pool_size=s.workers + 4)
+    # The passes' workers and the namespace writers of cluster credentials (as many again).
+    api = kube.load_api_client(pool_size=2 * s.workers + 4)
     tokens = TokenClient(
         allowed_prefixes=s.allowed_token_urls,
         timeout=s.http_timeout,

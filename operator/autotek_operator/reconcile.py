@@ -703,7 +703,11 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         )
 
     if counts is not None:
-        current = frozenset((ns, r) for ns, r, _ in counts.failed)
+        # A refusal is announced at once; an API error once it has failed twice in a row (a first
+        # one is often a namespace just turning Terminating, which the namespace watch then drops).
+        current = frozenset(
+            (ns, r) for ns, r, _ in counts.failed if r != c.REASON_WRITE_FAILED or st.targets[ns].attempts > 1
+        )
         if current - st.reported_failures:
             message = counts.describe() + ". First: " + counts.failed[0][2]
             log.warning("%s: %s", st.label(), message)

@@ -397,79 +397,93 @@ class Runtime:
         """Confirm each credential is gone (or, for a cluster credential, no longer wants that
         namespace), then apply the recorded policy (worker thread); the actions that failed."""
         failed = []
-        kube = self.deps.kube
         wanted = wanted or {}
         for action in actions:
-            assert action.credential is not None
-            (ns, name), (secret_ns, secret_name) = action.credential, action.secret
-            try:
-                live: dict[Key, frozenset[str]] = {}
-                if ns == CLUSTER:
-                    if kube.get_cluster_credential(name) is not None:
-                        if action.credential not in wanted:
-                            log.debug(
-                                "%s %s: exists; Secret %s/%s left as it is",
-                                c.CLUSTER_KIND,
-                                name,
-                                secret_ns,
-                                secret_name,
-                            )
-                            continue
-                        live = {action.credential: wanted[action.credential]}
-                elif kube.get_credential(ns, name) is not None:
-                    log.debug("%s/%s: still exists; Secret %s left as it is", ns, name, secret_name)
-                    continue
-                secret = kube.get_secret(secret_ns, secret_name)
-                mark = converge.mark_of(secret) if secret is not None else None
-                if secret is None or mark is None:
-                    continue
-                again = converge.decide(action.secret, mark, live, self.deps.selector)
-                if again.action != action.action or again.credential != action.credential:
-                    continue  # changed since it was seen: the next look decides
-                if action.action == converge.UNMERGE:
-                    kube.patch_secret(secret_ns, secret_name, unmerge_patch(secret))
-                    what = "removed its keys and annotations from"
-                else:
-                    kube.delete_secret(secret_ns, secret_name, uid=(secret.get("metadata") or {}).get("uid"))
-                    what = "deleted"
-                metrics.observe_orphan_cleaned(action.action)
-                if live:
-                    log.info(
-                        "%s %s: no longer selects namespace %s; %s Secret %s (%s)",
-                        c.CLUSTER_KIND,
-                        name,
-                        secret_ns,
-                        what,
-                        secret_name,
-                        action.why,
-                    )
-                elif ns == CLUSTER:
-                    log.info(
-                        "%s %s: deleted; %s Secret %s/%s (%s)",
-                        c.CLUSTER_KIND,
-                        name,
-                        what,
-                        secret_ns,
-                        secret_name,
-                        action.why,
-                    )
-                else:
-                    log.info(
-                        "%s/%s: deleted while no operator watched; %s Secret %s (%s)",
-                        ns,
-                        name,
-                        what,
-                        secret_name,
-                        action.why,
-                    )
-            except Conflict:
-                failed.append(action)
-            except AutoTekError as exc:
-                log.warning(
-                    "%s/%s: cleanup of Secret %s failed: %s; retrying later", ns, name, secret_name, exc.message
-                )
+            if not self._clean_orphan(action, wanted):
                 failed.append(action)
         return failed
+
+    def _clean_orphan(self, action: converge.Action, wanted: Mapping[Key, frozenset[str]]) -> bool:
+        """One Secret of ``_clean_orphans``; False if it must be tried again later. A Secret that
+        changed between the read and the write (409) is read and decided again once at once."""
+        for attempt in range(2):
+            done = self._clean_orphan_once(action, wanted, last=attempt == 1)
+            if done is not None:
+                return done
+        return False
+
+    def _clean_orphan_once(
+        self, action: converge.Action, wanted: Mapping[Key, frozenset[str]], last: bool
+    ) -> bool | None:
+        kube = self.deps.kube
+        assert action.credential is not None
+        (ns, name), (secret_ns, secret_name) = action.credential, action.secret
+        try:
+            live: dict[Key, frozenset[str]] = {}
+            if ns == CLUSTER:
+                if kube.get_cluster_credential(name) is not None:
+                    if action.credential not in wanted:
+                        log.debug(
+                            "%s %s: exists; Secret %s/%s left as it is",
+                            c.CLUSTER_KIND,
+                            name,
+                            secret_ns,
+                            secret_name,
+                        )
+                        return True
+                    live = {action.credential: wanted[action.credential]}
+            elif kube.get_credential(ns, name) is not None:
+                log.debug("%s/%s: still exists; Secret %s left as it is", ns, name, secret_name)
+                return True
+            secret = kube.get_secret(secret_ns, secret_name)
+            mark = converge.mark_of(secret) if secret is not None else None
+            if secret is None or mark is None:
+                return True
+            again = converge.decide(action.secret, mark, live, self.deps.selector)
+            if again.action != action.action or again.credential != action.credential:
+                return True  # changed since it was seen: the next look decides
+            if action.action == converge.UNMERGE:
+                kube.patch_secret(secret_ns, secret_name, unmerge_patch(secret))
+                what = "removed its keys and annotations from"
+            else:
+                kube.delete_secret(secret_ns, secret_name, uid=(secret.get("metadata") or {}).get("uid"))
+                what = "deleted"
+            metrics.observe_orphan_cleaned(action.action)
+            if live:
+                log.info(
+                    "%s %s: no longer selects namespace %s; %s Secret %s (%s)",
+                    c.CLUSTER_KIND,
+                    name,
+                    secret_ns,
+                    what,
+                    secret_name,
+                    action.why,
+                )
+            elif ns == CLUSTER:
+                log.info(
+                    "%s %s: deleted; %s Secret %s/%s (%s)",
+                    c.CLUSTER_KIND,
+                    name,
+                    what,
+                    secret_ns,
+                    secret_name,
+                    action.why,
+                )
+            else:
+                log.info(
+                    "%s/%s: deleted while no operator watched; %s Secret %s (%s)",
+                    ns,
+                    name,
+                    what,
+                    secret_name,
+                    action.why,
+                )
+        except Conflict:
+            return False if last else None
+        except AutoTekError as exc:
+            log.warning("%s/%s: cleanup of Secret %s failed: %s; retrying later", ns, name, secret_name, exc.message)
+            return False
+        return True
 
     # -- indexes -----------------------------------------------------------------------------
 
