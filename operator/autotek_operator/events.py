@@ -1,9 +1,10 @@
 """Events, posted in the background, as client-go's event recorder does.
 
 A pass hands its outcome's Event to the recorder and goes on: the status patch, not the Event, is
-on the path to Ready. One daemon thread posts the queued Events in order, each with the content and
-timestamp the pass gave it (so an Event says when the outcome happened, not when it was posted);
-it may reach the API server a moment after the status. The queue is bounded: when it is full (the
+on the path to Ready. A few daemon threads (``THREADS``) post the queued Events in the order they
+were queued (with more than one thread, neighbours may land in either order), each with the content
+and timestamp the pass gave it (so an Event says when the outcome happened, not when it was
+posted); it may reach the API server a moment after the status. The queue is bounded: when it is full (the
 API server refusing Events for a long while), an Event is dropped rather than the pass held or
 memory grown; drops are counted (``autotek_events_dropped_total``) and logged once. On shutdown
 the queue is flushed, best effort, within a deadline. The queue holds only what an Event shows
@@ -25,16 +26,20 @@ log = logging.getLogger(__name__)
 
 
 class EventRecorder:
-    """A bounded queue of Events and the one thread that posts them."""
+    """A bounded queue of Events and the few threads that post them."""
 
     #: Events waiting at most; beyond this, new ones are dropped (and counted).
     MAX_QUEUED = 4096
+    #: Posting threads: an Event's POST is a round trip, and a backlog of first issues makes
+    #: Events faster than one thread posts them.
+    THREADS = 4
     THREAD_NAME = "autotek-events"
 
-    def __init__(self, kube: Any, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, kube: Any, max_queued: int = MAX_QUEUED, threads: int = THREADS) -> None:
         self.kube = kube
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(maxsize=max(1, max_queued))
-        self._thread: threading.Thread | None = None
+        self._nthreads = max(1, threads)
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
         self.posted = 0
@@ -69,30 +74,30 @@ class EventRecorder:
         """Stop taking Events and post those queued, for at most ``timeout`` seconds (best effort).
         True when the queue was flushed."""
         self._closed = True
-        thread = self._thread
-        if thread is None:
-            return True
+        threads = list(self._threads)
         deadline = time.monotonic() + timeout
-        while thread.is_alive():
+        for _ in threads:  # one stop mark per thread, behind the queued Events
             try:
                 self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-                break
             except queue.Full:
-                if time.monotonic() >= deadline:
-                    break
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            log.warning("shutting down with %d Event(s) not posted", self._queue.qsize())
+                break
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            left = sum(1 for item in list(self._queue.queue) if item is not None)
+            log.warning("shutting down with %d Event(s) not posted", left)
             return False
         return True
 
     def _start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
-                self._thread.start()
+            if not self._threads:
+                for i in range(self._nthreads):
+                    thread = threading.Thread(target=self._run, name=f"{self.THREAD_NAME}-{i}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
 
     def _run(self) -> None:
         while True:
@@ -104,10 +109,13 @@ class EventRecorder:
     def _post(self, label: str, event: dict[str, Any]) -> None:
         try:
             self.kube.create_event(**event)
-            self.posted += 1
+            with self._lock:
+                self.posted += 1
         except AutoTekError as exc:
-            self.failed += 1
+            with self._lock:
+                self.failed += 1
             log.warning("%s: could not post event %s: %s", label, event.get("reason"), exc.message)
         except Exception as exc:  # noqa: BLE001 - the thread must outlive any one Event; our own text only
-            self.failed += 1
+            with self._lock:
+                self.failed += 1
             log.warning("%s: could not post event %s: %s", label, event.get("reason"), type(exc).__name__)

@@ -103,7 +103,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # kopf watches nothing itself: no need to scan for CRDs or namespaces (nor the RBAC for it).
     settings.scanning.disabled = True
     # The passes' workers and the namespace writers of cluster credentials (as many again).
-    api = kube.load_api_client(pool_size=2 * s.workers + 4)
+    api = kube.load_api_client(pool_size=2 * s.workers + 4 + EventRecorder.THREADS)
     tokens = TokenClient(
         allowed_prefixes=s.allowed_token_urls,
         timeout=s.http_timeout,
