@@ -398,7 +398,8 @@ def test_namespaces_created_and_labelled_into_and_out_of_the_selection(world: Wo
     assert w.ready(name)["status"] == "True"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+# Not strict: a race (it passed in 1 of 4 runs here); a strict marker would make the suite flaky.
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "core: a pass that started before the namespace watch reported the deletion still writes into the namespace "
     "(create secrets: 404 for a deleted one, 403 for a Terminating one) and reports it failed (KubernetesAPIError), "
     "Ready=False NamespacesNotProvisioned and a Warning Event, for one pass; see the runtime's 'selected "
