@@ -41,7 +41,7 @@ import pytest
 import yaml
 from harness import CLUSTER_ROLE, Broker, Client, Cluster, Operator, new_client, new_scope, wait_for
 from kubernetes.client.exceptions import ApiException
-from rbac import Identity, bare, one
+from rbac import Identity, bare, companion_roles, one
 
 import controlplane
 
@@ -296,8 +296,10 @@ def identity(cluster: Cluster) -> Identity:
     """A ServiceAccount of its own, bound to the ClusterRole of manifests/, that only this module's
     FlowSchemas match."""
     assert cluster.rbac is not None
-    role = one(cluster.rbac.rendered(), "ClusterRole", CLUSTER_ROLE)
-    return cluster.rbac.service_account(SERVICE_ACCOUNT, shared_cluster_roles=[bare(role, name=CLUSTER_ROLE)])
+    docs = cluster.rbac.rendered()
+    role = one(docs, "ClusterRole", CLUSTER_ROLE)
+    return cluster.rbac.service_account(SERVICE_ACCOUNT,
+                                        shared_cluster_roles=[bare(role, name=CLUSTER_ROLE), *companion_roles(docs)])
 
 
 @pytest.fixture
