@@ -10,6 +10,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # The cluster-scoped kind: one token, written into many namespaces.
 CLUSTER_PLURAL = "clusterautotekcredentials"
 CLUSTER_KIND = "ClusterAutoTekCredential"
+#: Where Events about a ClusterAutoTekCredential are posted: kube-apiserver accepts an Event about a
+#: cluster-scoped object (involvedObject.namespace "") only in `default`, as for Nodes, and
+#: `kubectl describe catc NAME` finds it there.
+CLUSTER_EVENT_NAMESPACE = "default"
 
 MANAGER = "autotek-operator"
 

@@ -120,7 +120,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         restart_min_interval=float(s.restart_min_interval),
         selector=s.credential_selector,
         cluster_client_namespaces=frozenset(s.cluster_credential_namespaces),
-        event_namespace=s.operator_namespace,
+        event_namespace=c.CLUSTER_EVENT_NAMESPACE,
     )
     deps.events = STATE.events = EventRecorder(deps.kube)
     runtime = STATE.runtime = Runtime(deps, workers=s.workers)

@@ -347,12 +347,17 @@ class Kube:
         kind: str = c.KIND,
     ) -> None:
         """An Event about a credential, in ``namespace``: the credential's own, or for a
-        ClusterAutoTekCredential (``kind``) the operator's namespace. The API server accepts an
-        Event about a cluster-scoped object only in ``default`` unless its involvedObject names the
-        Event's namespace, so the involvedObject carries the operator's namespace: find them with
-        ``kubectl get events -n <operator namespace> --field-selector involvedObject.name=NAME``."""
+        ClusterAutoTekCredential (``kind``) ``default`` (c.CLUSTER_EVENT_NAMESPACE). Its
+        involvedObject.namespace is then empty, as for a Node's Events: the API server accepts that
+        only in ``default``, and ``kubectl describe catc NAME`` looks for exactly that."""
         stamp = format_time(now)
-        involved = {"apiVersion": c.API_VERSION, "kind": kind, "name": name, "namespace": namespace, "uid": uid}
+        involved = {
+            "apiVersion": c.API_VERSION,
+            "kind": kind,
+            "name": name,
+            "namespace": namespace if kind == c.KIND else "",
+            "uid": uid,
+        }
         body = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -67,8 +67,8 @@ class Deps:
     selector: str = ""
     #: AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES: where ClusterAutoTekCredentials' client Secrets may live.
     cluster_client_namespaces: frozenset[str] = frozenset()
-    #: The operator's namespace: where the Events of ClusterAutoTekCredentials go.
-    event_namespace: str = "autotek-system"
+    #: Where the Events of ClusterAutoTekCredentials go (``default``: see c.CLUSTER_EVENT_NAMESPACE).
+    event_namespace: str = c.CLUSTER_EVENT_NAMESPACE
     #: Runs the namespaces' reads and writes of a ClusterAutoTekCredential concurrently (None: in turn).
     fan_out: Executor | None = None
     #: Posts Events in the background (events.EventRecorder); None: on the pass's own thread.

@@ -154,9 +154,8 @@ class World:
         return self._wait(f"{name} status.namespaces {want}", name, check, timeout)
 
     def events(self, name: str | None = None, reason: str | None = None) -> list[Doc]:
-        """The Events about ``name`` (default: about any cluster object), wherever they are (the operator's
-        namespace, says the contract; ``default`` is where the API server takes Events about cluster-scoped
-        objects without a namespace)."""
+        """The Events about ``name`` (default: about any cluster object), wherever they are (``default``, with an
+        empty involvedObject.namespace, is where the operator posts them and kubectl describe finds them)."""
         resp = self.cluster.core.list_event_for_all_namespaces(_preload_content=False)  # the emulator has no
         items: list[Doc] = json.loads(resp.data).get("items", [])  # field selectors on involvedObject
         return [e for e in items if (e.get("involvedObject") or {}).get("kind") == KIND
@@ -909,10 +908,6 @@ def test_bad_input_is_refused_or_reported_without_a_hot_loop(world: World) -> No
     print(f"bad selections refused by the server: {refused}; reported InvalidSpec: {sorted(accepted)}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the Events are in the operator's namespace with involvedObject.namespace set to it (the API server takes an "
-    "Event about a cluster-scoped object with an empty involvedObject.namespace only in 'default'), and kubectl "
-    "describe looks for involvedObject.namespace='' in every namespace: docs/operations.md promises otherwise"))
 def test_kubectl_describe_shows_a_cluster_credentials_events(world: World) -> None:
     """docs/operations.md ("Cluster credentials"): ``kubectl describe catc NAME`` shows its Events."""
     w = world
@@ -932,7 +927,7 @@ def test_kubectl_describe_shows_a_cluster_credentials_events(world: World) -> No
 
 
 def test_zz_no_secret_or_token_in_logs_events_or_status(world: World, cluster: Cluster, workdir: Path) -> None:
-    """This module's operators (DEBUG logs), the Events in its namespaces (the operator's own holds those of
+    """This module's operators (DEBUG logs), the Events in its namespaces (``default`` holds those of
     the cluster objects) and the cluster objects' statuses (failedNamespaces, messages) hold no client secret
     and no token. The session's scan covers them too (``Cluster.extra_haystacks``)."""
     w = world

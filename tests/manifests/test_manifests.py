@@ -54,12 +54,12 @@ EXAMPLE_NAMESPACE = "shop"
 
 
 def _is_per_namespace_rbac(doc: mc.Doc, watched: list[str]) -> bool:
-    """A watched namespace's Role or RoleBinding, or the Events one in the operator's namespace."""
+    """A watched namespace's Role or RoleBinding, or the Events one in `default` (cluster credentials')."""
     meta = doc["metadata"]
     if doc["kind"] not in ("Role", "RoleBinding"):
         return False
     if meta["name"] == mc.OPERATOR_NAME + "-events":
-        return meta.get("namespace") == mc.OPERATOR_NAMESPACE
+        return meta.get("namespace") == "default"
     return meta["name"] == mc.OPERATOR_NAME and meta.get("namespace") in watched
 
 

@@ -140,7 +140,6 @@ class World:
             clock=self.clock,
             rand=lambda: 0.0,
             cluster_client_namespaces=allowed,
-            event_namespace=OPS,
             fan_out=self.pool,
         )
 
@@ -177,8 +176,9 @@ def test_one_token_request_and_one_write_per_namespace() -> None:
     assert "failedNamespaces" not in status
     ready = status["conditions"][0]
     assert (ready["status"], ready["reason"]) == ("True", c.REASON_TOKEN_ISSUED)
-    # Events go to the operator's namespace, about the cluster object.
-    assert [(e["namespace"], e["kind"], e["reason"]) for e in w.kube.events] == [(OPS, c.CLUSTER_KIND, "TokenIssued")]
+    # Events go to `default` (as a Node's: kubectl describe catc finds them there), about the cluster object.
+    assert [(e["namespace"], e["kind"], e["reason"]) for e in w.kube.events] == [
+        (c.CLUSTER_EVENT_NAMESPACE, c.CLUSTER_KIND, "TokenIssued")]
 
     # The next pass has nothing to do: no call at all.
     w.kube.calls.clear()
@@ -402,7 +402,7 @@ async def rt() -> AsyncIterator[tuple[Runtime, FakeKube, FakeTokens]]:
     kube.put_secret(OPS, "client", {"client_id": "id", "client_secret": "s"})
     tokens = FakeTokens(real_now)  # type: ignore[arg-type]
     deps = Deps(kube=kube, tokens=tokens, clock=real_now, rand=lambda: 0.0,  # type: ignore[arg-type]
-                cluster_client_namespaces=frozenset({OPS}), event_namespace=OPS)
+                cluster_client_namespaces=frozenset({OPS}))
     runtime = Runtime(deps, workers=2)
     runtime.cluster_kind = True
     runtime.secret_scopes = {None}

@@ -9,6 +9,7 @@ API server does; the operator's calls send the body exactly as it was built.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from fakes import Clock
 from kubernetes.client.exceptions import ApiException
 
+from autotek_operator import constants as c
 from autotek_operator import kube
 from autotek_operator.dev.emulator import EmulatorThread
 from autotek_operator.errors import KubernetesAPIError
@@ -121,6 +123,21 @@ def test_secret_bodies_keep_what_the_model_would_not(api: kubernetes.client.ApiC
     assert k.get_secret(NS, "target") is not None
     k.delete_secret(NS, "target", uid=created["metadata"]["uid"])
     assert k.get_secret(NS, "target") is None
+
+
+def test_a_cluster_credentials_event_has_an_empty_involved_namespace(
+    api: kubernetes.client.ApiClient, emu: EmulatorThread
+) -> None:
+    """An Event about a ClusterAutoTekCredential: in ``default`` with involvedObject.namespace "" (as a Node's),
+    the only place the API server takes it and where ``kubectl describe catc`` looks."""
+    kube.Kube(api).create_event(
+        namespace=c.CLUSTER_EVENT_NAMESPACE, name="cc", uid="u2", event_type="Normal", reason="TokenIssued",
+        message="m", now=T0, kind=c.CLUSTER_KIND,
+    )
+    resp = kubernetes.client.CoreV1Api(api).list_namespaced_event(c.CLUSTER_EVENT_NAMESPACE, _preload_content=False)
+    [event] = [e for e in json.loads(resp.data)["items"] if e["involvedObject"]["name"] == "cc"]
+    assert event["involvedObject"] == {
+        "apiVersion": c.API_VERSION, "kind": c.CLUSTER_KIND, "name": "cc", "namespace": "", "uid": "u2"}
 
 
 def test_events_and_status_go_out_as_built(api: kubernetes.client.ApiClient, emu: EmulatorThread) -> None:
