@@ -699,6 +699,20 @@ class Runtime:
 
         self._change(key, change, "selected namespaces changed")
 
+    def _unwanted(self, skey: Key) -> bool:
+        """Whether converge.py would act on this marked Secret now (its credential no longer wants it)."""
+        mark = self.marked[skey]
+        if not converge.valid_name(mark.credential):
+            return False
+        key = mark.credential_key(skey[0])
+        wanted: dict[Key, frozenset[str]] = {}
+        if key in self.states:  # as _wanted() has it, for this one credential
+            if key[0] != CLUSTER or self.selections.get(key) is None:
+                return False
+            wanted[key] = self.selected.get(key, frozenset()) - self.yielded.get(key, {}).keys()
+        action = converge.decide(skey, mark, wanted, self.deps.selector).action
+        return action not in (converge.LEAVE, converge.BAD_INPUT)
+
     def _known_absent(self, skey: Key) -> bool:
         """Whether the Secret is known not to exist (every watched scope listed, never seen)."""
         return (
@@ -873,6 +887,11 @@ class Runtime:
                 del self.marked[skey]
         if not self.active:
             return  # the leader reacts; a new leader compares versions when it takes over
+        if not deleted and skey in self.marked and self.watches_listed() and self._unwanted(skey):
+            # The Secret watch and the namespace and credential watches are not ordered: a namespace
+            # may leave a selection (or a credential go) before this Secret was seen, and that
+            # convergence then did not know it. Converge its namespace now, not at the next list.
+            self.converge_scope(skey[0])
 
         for key in tuple(self.client_index.get(skey, ())):
 

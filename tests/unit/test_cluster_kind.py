@@ -508,3 +508,29 @@ async def test_namespaced_mode_writes_only_into_watched_namespaces(rt: Any) -> N
 
 def test_clock_is_injected() -> None:
     assert World().clock() == T0
+
+
+async def test_a_secret_reported_after_its_namespace_left_the_selection_is_converged(rt: Any) -> None:
+    """The Secret watch and the namespace watch are not ordered: a namespace labelled out before the Secret
+    watch reported the Secret (so the convergence then saw nothing to do) is converged when it does."""
+    runtime, kube, tokens = rt
+    sel = {"namespaceSelector": {"matchLabels": {"autotek": "yes"}}}
+    listed(runtime, [ns_body("a", {"autotek": "yes"}), ns_body("b", {"autotek": "yes"})])
+    runtime.on_cluster_credential_events([(None, cc_body("cc", "2026-01-01T00:00:00Z", **sel))])
+    runtime.on_cluster_credentials_listed(None, {("", "cc")})
+    await settle(runtime)
+    assert ("a", "tok") in kube.secrets and ("b", "tok") in kube.secrets
+    kube.cluster_credentials = {"cc": cc_body("cc", "2026-01-01T00:00:00Z", **sel)}
+    runtime.on_secret_event("ADDED", kube.secrets[("a", "tok")])
+    # Labelled out while the Secret watch has not reported b's Secret yet: nothing known to clean up.
+    runtime.on_namespace_events([("MODIFIED", ns_body("b", {}))])
+    await settle(runtime)
+    assert ("b", "tok") in kube.secrets
+    # The Secret watch catches up: the Secret goes by the deletion policy (Owner + Delete).
+    runtime.on_secret_event("ADDED", kube.secrets[("b", "tok")])
+    await settle(runtime)
+    assert ("b", "tok") not in kube.secrets and ("a", "tok") in kube.secrets
+    # A Secret the credential still wants is left alone.
+    runtime.on_secret_event("MODIFIED", kube.secrets[("a", "tok")])
+    await settle(runtime)
+    assert ("a", "tok") in kube.secrets and len(tokens.requests) == 1
