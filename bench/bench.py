@@ -29,6 +29,13 @@ restart   SIGTERM, a new operator: token requests it makes, time until every cre
 dedup     N credentials of ONE client (one client Secret): token requests per credential at issue
 bad       N new credentials against a token endpoint answering 503: request rate, concurrency,
           operator RSS and threads
+fanout    (largest N only; its own namespace count, --fanout-namespaces, default 1 000) one
+          ClusterAutoTekCredential selecting that many labelled namespaces (created before it): time from
+          its creation until every namespace's Secret holds the token (the Secrets watched cluster-wide)
+          and until its status says provisioned == selected; token requests (1 expected); then, the
+          first token short-lived (--fanout-lifetime), the time to rotate all of them (every Secret
+          holding the second token); operator CPU per namespace write, peak RSS, API requests, API
+          server and etcd CPU
 profile   (largest N only) the backlog phase again with py-spy attached (--gil: samples whichever
           thread holds the GIL, i.e. where the Python CPU goes), broken down by call, then a memory
           census of the operator's structures (bench/opwrapper.py; tracemalloc too with --tracemalloc)
@@ -59,11 +66,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchkit as bk
 import profiling
 
-PHASES = ("bare", "backlog", "lean", "ready", "rotation", "idle", "restart", "dedup", "bad", "profile")
+PHASES = ("bare", "backlog", "lean", "ready", "rotation", "idle", "restart", "dedup", "bad", "fanout", "profile")
 LEAN_THREADS = "4,8,16,32"
 LONG_LIFETIME = 3600.0
 WORKERS = 8  # AUTOTEK_WORKERS default, used by the bare loop too
 MAX_CONCURRENT_TOKEN_REQUESTS = 8  # AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS default
+FANOUT_LABEL = ("autotek.io/token", "true")
+FANOUT_TARGET = "autotek-token"
 
 
 def log(msg: str) -> None:
@@ -742,6 +751,240 @@ class Run:
             f"threads max {w['threads_max']}"
         )
 
+    # -- fan-out: one cluster credential, many namespaces ---------------------------------------------
+
+    def fanout(self) -> None:
+        """One ClusterAutoTekCredential selecting ``--fanout-namespaces`` labelled namespaces."""
+        k, lifetime = self.args.fanout_namespaces, self.args.fanout_lifetime
+        cluster = bk.Cluster(self.workdir, "fanout", self.kubeconfig, self.args.api, cluster_credentials=True)
+        broker = bk.Broker(self.workdir, "fanout")
+        op: bk.Operator | None = None
+        tokens: bk.TokenWatch | None = None
+        out: dict[str, Any] = {"namespaces": k, "lifetime_s": lifetime}
+        self.r["fanout"] = out
+        if cluster.emulated or cluster.target is None:
+            out["skipped"] = "needs a real API server (the emulator has no ClusterAutoTekCredential)"
+            log(f"fan-out: skipped ({out['skipped']})")
+            broker.stop()
+            cluster.stop()
+            return
+        target = cluster.target
+        names = [f"bench-fanout-{i:05d}" for i in range(k)]
+        try:
+            broker.control(lifetime=LONG_LIFETIME)
+            op_ns = bk.OPERATOR_SA[0]
+            cluster.operator_kubeconfig()  # the ServiceAccount, and its namespace (the operator's own)
+            # The cluster credential's client Secret, in the operator's namespace.
+            cid = f"fanout-client-{os.urandom(3).hex()}"
+            secret = f"s3cret-{os.urandom(6).hex()}"
+            broker.add_clients({cid: secret})
+            bk.create_many(
+                target,
+                f"/api/v1/namespaces/{op_ns}/secrets",
+                [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "type": "Opaque",
+                        "metadata": {"name": "autotek-client", "namespace": op_ns},
+                        "stringData": {"client_id": cid, "client_secret": secret},
+                    }
+                ],
+                threads=1,
+            )
+            # The namespaces, labelled, before the credential.
+            label = {FANOUT_LABEL[0]: FANOUT_LABEL[1]}
+            bodies = [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": x, "labels": label}} for x in names
+            ]
+            ns_s = bk.create_many(target, "/api/v1/namespaces", bodies, threads=32)
+            out["namespaces_create_s"] = round(ns_s, 2)
+            log(f"fan-out: {k} labelled namespaces created in {ns_s:.2f}s")
+
+            # The operator, watching once a sentinel (namespaced) credential is Ready.
+            warm = cluster.create_namespace("bench-warm")
+            clients, _ = cluster.create_client_secrets(warm, 1)
+            broker.add_clients(clients)
+            op = bk.Operator(
+                cluster,
+                broker,
+                self.workdir / "operator-fanout.log",
+                extra_env={"POD_NAMESPACE": op_ns, "AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES": op_ns},
+            )
+            cluster.create_credentials(warm, 1, broker.token_url)
+            if wait_ready(cluster, warm, 1, time.time(), 120)["timed_out"]:
+                raise RuntimeError(f"fan-out: the operator did not start; see {op.log_path}")
+            time.sleep(2.0)
+            before = op.watch.sample() or {}
+            tokens = bk.TokenWatch(target, FANOUT_TARGET)
+            broker.control(lifetime=lifetime)
+            m0, c0 = cluster.request_counts(), cluster.component_cpu()
+            t0 = time.time()
+            catc = {
+                "apiVersion": f"{bk.GROUP}/{bk.VERSION}",
+                "kind": "ClusterAutoTekCredential",
+                "metadata": {"name": "bench-fanout"},
+                "spec": {
+                    "clientSecretRef": {"namespace": op_ns, "name": "autotek-client"},
+                    "namespaceSelector": {"matchLabels": label},
+                    "tokenURL": broker.token_url,
+                    "target": {"name": FANOUT_TARGET},
+                },
+            }
+            bk.create_many(target, f"/apis/{bk.GROUP}/{bk.VERSION}/{bk.CLUSTER_PLURAL}", [catc], threads=1)
+            status_path = f"/apis/{bk.GROUP}/{bk.VERSION}/{bk.CLUSTER_PLURAL}/bench-fanout"
+
+            # -- provisioning: every namespace holds the first token -----------------------------------
+            kube = target.connect()
+            first: str | None = None
+            t_secrets = t_status = None
+            status_ns: dict[str, Any] = {}
+            deadline = t0 + max(120.0, k * 0.3)
+            try:
+                while time.time() < deadline and (t_secrets is None or t_status is None):
+                    now = time.time()
+                    held = tokens.tokens()
+                    if first is None and held:
+                        first = max(held, key=lambda t: held[t])
+                    if t_secrets is None and first is not None and held.get(first, 0) >= k:
+                        t_secrets = max(tokens.times_for(first))
+                    elif t_secrets is None and len(held) > 1 and sum(held.values()) >= k:
+                        # The refresh began before the first token reached every namespace (a lifetime too
+                        # short for this many): every namespace holds a token, not all the same one.
+                        out["overlap_with_refresh"] = True
+                        t_secrets = max(tokens.first_any().values())
+                    if t_status is None:
+                        status, data = kube.call("GET", status_path)
+                        if status == 200:
+                            status_ns = (json.loads(data).get("status") or {}).get("namespaces") or {}
+                            if status_ns.get("selected") == k and status_ns.get("provisioned") == k:
+                                t_status = now
+                    time.sleep(0.1)
+            finally:
+                kube.close()
+            t1 = time.time()
+            broker.control(lifetime=LONG_LIFETIME)  # the second token is not due for an hour
+            s1 = op.watch.sample() or {}
+            c1 = cluster.component_cpu()
+            time.sleep(1.0)
+            m1 = cluster.request_counts()
+            issue = broker.summary(prefix=cid)
+            times = tokens.times_for(first) if first else []
+            end = t_secrets or t1
+            w = op.watch.window(t0, end + 0.5)
+            api = api_delta(m0, m1)
+            out["provision"] = {
+                "secrets_all_s": round(t_secrets - t0, 2) if t_secrets else None,
+                "secrets_50_90_s": [round(times[int(len(times) * q) - 1] - t0, 2) for q in (0.5, 0.9)]
+                if len(times) >= 2
+                else None,
+                "first_secret_s": round(times[0] - t0, 2) if times else None,
+                "status_provisioned_eq_selected_s": round(t_status - t0, 2) if t_status else None,
+                "status_namespaces": status_ns,
+                "namespaces_holding_token": len(times),
+                "timed_out": t_secrets is None or t_status is None,
+                "token_requests": issue["count"],
+                "operator_cpu_s": round(w["cpu_seconds"], 2),
+                "operator_cpu_ms_per_namespace": round(1000.0 * w["cpu_seconds"] / k, 2),
+                "operator_rss_before_mib": mib(before.get("VmRSS", 0)),
+                "operator_rss_max_mib": mib(w["rss_max_kib"]),
+                "operator_peak_rss_mib": mib(s1.get("VmHWM", 0)),
+                "operator_threads_max": w["threads_max"],
+                "api_requests": api,
+                "api_requests_per_namespace": per(api, k),
+                "server_cpu": cpu_delta(c0, c1, t1 - t0),
+            }
+            pv = out["provision"]
+            log(
+                f"fan-out: {len(times)}/{k} Secrets hold the token {pv['secrets_all_s']}s after the credential's "
+                f"creation (status provisioned == selected at {pv['status_provisioned_eq_selected_s']}s), "
+                f"token requests {issue['count']}, CPU {pv['operator_cpu_ms_per_namespace']} ms/namespace, "
+                f"peak RSS {pv['operator_peak_rss_mib']} MiB"
+            )
+            if pv["timed_out"]:
+                raise RuntimeError(f"fan-out: provisioning not complete; see {op.log_path}")
+
+            # -- rotation: every namespace holds the second token --------------------------------------
+            m2, c2 = cluster.request_counts(), cluster.component_cpu()
+            deadline = t0 + lifetime + max(120.0, k * 0.3)
+            second: str | None = None
+            t_rot = None
+            while time.time() < deadline:
+                held = tokens.tokens()
+                others = {t: n for t, n in held.items() if t != first}
+                if others:
+                    second = max(others, key=lambda t: others[t])
+                    if others[second] >= k:
+                        t_rot = max(tokens.times_for(second))
+                        break
+                time.sleep(0.1)
+            t3 = time.time()
+            time.sleep(1.0)
+            s3 = op.watch.sample() or {}
+            c3, m3 = cluster.component_cpu(), cluster.request_counts()
+            rows = [r for r in broker.times(since=t0 - 1) if r[1] == cid and r[2] == 200]
+            req_times = sorted(r[0] for r in rows)
+            t_req2 = req_times[1] if len(req_times) >= 2 else None
+            rtimes = tokens.times_for(second) if second else []
+            rot: dict[str, Any] = {
+                "namespaces_holding_new_token": len(rtimes),
+                "timed_out": t_rot is None,
+                "token_requests_total": broker.summary(prefix=cid)["count"],
+                "refresh_request_after_issue_s": round(t_req2 - req_times[0], 1) if t_req2 else None,
+            }
+            if t_req2 and rtimes:
+                start = t_req2
+                w = op.watch.window(start - 0.5, (t_rot or t3) + 0.5)
+                api = api_delta(m2, m3)
+                rot.update(
+                    {
+                        "all_s": round((t_rot or t3) - start, 2),
+                        "first_secret_s": round(rtimes[0] - start, 2),
+                        "secrets_50_90_s": [round(rtimes[int(len(rtimes) * q) - 1] - start, 2) for q in (0.5, 0.9)],
+                        "operator_cpu_s": round(w["cpu_seconds"], 2),
+                        "operator_cpu_ms_per_namespace": round(1000.0 * w["cpu_seconds"] / k, 2),
+                        "operator_rss_max_mib": mib(w["rss_max_kib"]),
+                        "api_requests": api,
+                        "api_requests_per_namespace": per(api, k),
+                        "server_cpu": cpu_delta(c2, c3, t3 - t1),
+                    }
+                )
+            rot["operator_peak_rss_mib"] = mib(s3.get("VmHWM", 0))
+            out["rotation"] = rot
+            log(
+                f"fan-out rotation: {len(rtimes)}/{k} Secrets hold the new token {rot.get('all_s')}s after the "
+                f"refresh's token request; token requests in all {rot['token_requests_total']}, "
+                f"CPU {rot.get('operator_cpu_ms_per_namespace')} ms/namespace, "
+                f"peak RSS {rot['operator_peak_rss_mib']} MiB"
+            )
+            final = op.stop()
+            op = None
+            out["operator"] = {
+                "cpu_s": round(final.get("cpu", 0), 2),
+                "peak_rss_mib": mib(final.get("VmHWM", 0)),
+                "threads_end": final.get("threads"),
+            }
+            text = (self.workdir / "operator-fanout.log").read_text(errors="replace")
+            out["operator_log_lines"] = {
+                "warnings": text.count(" WARNING "),
+                "errors": text.count(" ERROR "),
+                "tracebacks": text.count("Traceback"),
+            }
+        finally:
+            if tokens is not None:
+                tokens.stop()
+            if op is not None:
+                op.stop()
+            broker.stop()
+            try:
+                out["namespaces_delete_s"] = round(
+                    bk.delete_many(target, [f"/api/v1/namespaces/{x}" for x in names]), 2
+                )
+            except Exception as exc:  # noqa: BLE001 - the plane is thrown away anyway
+                out["namespaces_delete_error"] = f"{type(exc).__name__}: {exc}"
+            cluster.cleanup()
+            cluster.stop()
+
     # -- profile ------------------------------------------------------------------------------------
 
     def profile(self) -> None:
@@ -855,6 +1098,8 @@ class Run:
         bare, ready = self.r.get("bare"), self.r.get("ready")
         if bare and ready and ready.get("seconds"):
             self.r["ratio_operator_to_bare"] = round(ready["seconds"] / bare["total_s"], 2)
+        if self.largest and self.on("fanout"):
+            self.fanout()
         if self.largest and self.on("profile"):
             self.profile()
         self.r["wall_s"] = round(time.time() - started, 1)
@@ -1018,6 +1263,27 @@ ROWS: list[tuple[str, Any]] = [
     ("bad: max attempts per credential", lambda r: g(r, "bad", "max_attempts_per_credential")),
     ("bad: operator RSS max (MiB)", lambda r: g(r, "bad", "operator_rss_max_mib")),
     ("bad: operator threads max", lambda r: g(r, "bad", "operator_threads_max")),
+    ("fanout: namespaces", lambda r: g(r, "fanout", "namespaces")),
+    (
+        "fanout: all Secrets hold the token / status says so (s)",
+        lambda r: (
+            f"{fmt(g(r, 'fanout', 'provision', 'secrets_all_s'))} / "
+            f"{fmt(g(r, 'fanout', 'provision', 'status_provisioned_eq_selected_s'))}"
+        ),
+    ),
+    ("fanout: token requests to provision", lambda r: g(r, "fanout", "provision", "token_requests")),
+    (
+        "fanout: CPU per namespace write, provision (ms)",
+        lambda r: g(r, "fanout", "provision", "operator_cpu_ms_per_namespace"),
+    ),
+    ("fanout: rotate all, from the refresh's request (s)", lambda r: g(r, "fanout", "rotation", "all_s")),
+    ("fanout: token requests in all (issue + refresh)", lambda r: g(r, "fanout", "rotation", "token_requests_total")),
+    (
+        "fanout: CPU per namespace write, rotation (ms)",
+        lambda r: g(r, "fanout", "rotation", "operator_cpu_ms_per_namespace"),
+    ),
+    ("fanout: operator peak RSS (MiB)", lambda r: g(r, "fanout", "rotation", "operator_peak_rss_mib")),
+    ("fanout: apiserver / etcd CPU, provision", lambda r: server_cpu(g(r, "fanout", "provision"))),
 ]
 
 
@@ -1080,6 +1346,19 @@ def main(argv: list[str] | None = None) -> int:
         "--lean-threads",
         default=None,
         help=f"concurrencies of the lean loop, each from the same start state (default {LEAN_THREADS}; quick 8,32)",
+    )
+    parser.add_argument(
+        "--fanout-namespaces",
+        type=int,
+        default=1000,
+        help="namespaces the fan-out phase's one cluster credential selects (default 1000; the phase runs "
+        "once, with the largest N, whatever N is)",
+    )
+    parser.add_argument(
+        "--fanout-lifetime",
+        type=float,
+        default=60.0,
+        help="lifetime of the fan-out phase's first token (default 60 s; the refresh comes at about 2/3 of it)",
     )
     parser.add_argument("--dedup-max", type=int, default=1000, help="credentials in the dedup phase: min(N, this)")
     parser.add_argument(

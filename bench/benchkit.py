@@ -27,6 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 CRD_FILE = ROOT / "crds" / "autotekcredentials.autotek.io.yaml"
+CLUSTER_CRD_FILE = ROOT / "crds" / "clusterautotekcredentials.autotek.io.yaml"
+CLUSTER_PLURAL = "clusterautotekcredentials"
 GROUP, VERSION, PLURAL = "autotek.io", "v1alpha1", "autotekcredentials"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -502,6 +504,146 @@ class ReadyWatch:
         self._thread.join(5)
 
 
+class TokenWatch:
+    """List + watch, across all namespaces, the Secrets named ``name``: which token (the ``access_token``
+    value) each namespace holds, and when each namespace first held each token."""
+
+    def __init__(self, target: KubeTarget, name: str) -> None:
+        self.target, self.name = target, name
+        #: namespace -> the access_token (base64, as stored) its Secret holds now
+        self.holds: dict[str, str] = {}
+        #: (namespace, token) -> when that namespace was first seen holding that token
+        self.first_seen: dict[tuple[str, str], float] = {}
+        #: token -> how many namespaces hold it now
+        self.holders: dict[str, int] = {}
+        #: (time, namespace) of every ADDED or MODIFIED event
+        self.events: list[tuple[float, str]] = []
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listed = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self._thread = threading.Thread(target=self._run, name=f"tokenwatch-{name}", daemon=True)
+        self._thread.start()
+        self._listed.wait(60)
+
+    def _path(self, extra: str = "") -> str:
+        return f"/api/v1/secrets?fieldSelector=metadata.name%3D{urllib.parse.quote(self.name)}{extra}"
+
+    def _note(self, obj: dict[str, Any], now: float, deleted: bool = False) -> None:
+        ns = obj["metadata"]["namespace"]
+        token = "" if deleted else ((obj.get("data") or {}).get("access_token") or "")
+        with self._lock:
+            old = self.holds.pop(ns, None)
+            if old is not None:
+                self.holders[old] -= 1
+            if token:
+                self.holds[ns] = token
+                self.holders[token] = self.holders.get(token, 0) + 1
+                self.first_seen.setdefault((ns, token), now)
+                self.events.append((now, ns))
+
+    def _run(self) -> None:
+        kube = self.target.connect()
+        rv = ""
+        try:
+            doc = kube.json("GET", self._path())
+            now = time.time()
+            for obj in doc.get("items", []):
+                self._note(obj, now)
+            rv = doc["metadata"]["resourceVersion"]
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            self.error = f"list: {exc}"
+        finally:
+            kube.close()
+            self._listed.set()
+        while not self._stop.is_set() and rv:
+            conn = self.target.connect(timeout=30.0)._new()
+            self._conn = conn
+            try:
+                conn.request(
+                    "GET",
+                    self._path(f"&watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=300"),
+                    headers=self.target.headers,
+                )
+                resp = conn.getresponse()
+                if resp.status != 200:
+                    self.error = f"watch: HTTP {resp.status}"
+                    return
+                while not self._stop.is_set():
+                    line = resp.readline()
+                    if not line:
+                        break
+                    ev = json.loads(line)
+                    obj = ev.get("object") or {}
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if ev.get("type") in ("ADDED", "MODIFIED"):
+                        self._note(obj, time.time())
+                    elif ev.get("type") == "DELETED":
+                        self._note(obj, time.time(), deleted=True)
+                    elif ev.get("type") == "ERROR":
+                        self.error = f"watch error: {obj.get('message')}"
+                        return
+            except (OSError, http.client.HTTPException, ValueError):
+                if self._stop.is_set():
+                    return
+                time.sleep(0.5)
+            finally:
+                conn.close()
+
+    def tokens(self) -> dict[str, int]:
+        """token -> namespaces holding it now (tokens nobody holds left out)."""
+        with self._lock:
+            return {t: k for t, k in self.holders.items() if k > 0}
+
+    def times_for(self, token: str) -> list[float]:
+        """When each namespace holding ``token`` now first held it, sorted."""
+        with self._lock:
+            return sorted(self.first_seen[(ns, t)] for ns, t in self.holds.items() if t == token)
+
+    def first_any(self) -> dict[str, float]:
+        """namespace -> when its Secret first held any token (namespaces holding one now)."""
+        with self._lock:
+            out: dict[str, float] = {}
+            for (ns, _), t in self.first_seen.items():
+                if ns in self.holds:
+                    out[ns] = min(t, out.get(ns, t))
+            return out
+
+    def writes_between(self, t0: float, t1: float) -> int:
+        with self._lock:
+            return sum(1 for t, _ in self.events if t0 <= t <= t1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(2)
+            except OSError:
+                pass
+        self._thread.join(5)
+
+
+def delete_many(target: KubeTarget, paths: list[str], threads: int = 16) -> float:
+    """DELETE every path, ``threads`` keep-alive connections at once (not waiting for finalizers)."""
+    started = time.monotonic()
+    chunks = [paths[i::threads] for i in range(threads)]
+
+    def worker(chunk: list[str]) -> None:
+        kube = target.connect()
+        try:
+            for path in chunk:
+                kube.call("DELETE", path)
+        finally:
+            kube.close()
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(worker, chunks))
+    return time.monotonic() - started
+
+
 # -- the API server's own counters ---------------------------------------------------------------
 
 
@@ -606,6 +748,9 @@ COUNTED_CALLS = (
     ("WATCH autotekcredentials", "watch", GROUP, "autotekcredentials"),
     ("POST events", "create", "*", "events"),
     ("* leases", "*", "coordination.k8s.io", "leases"),
+    ("PATCH clusterautotekcredentials/status", "patch", GROUP, "clusterautotekcredentials/status"),
+    ("* clusterautotekcredentials", "*", GROUP, "clusterautotekcredentials"),
+    ("* namespaces", "*", "", "namespaces"),
     ("other", "*", "*", "*"),
 )
 OPERATOR_SA = ("autotek-system", "autotek-operator")
@@ -673,8 +818,14 @@ class Cluster:
     On a control plane the operator (and the lean loop) authenticate as a ServiceAccount bound to the
     ClusterRole of manifests/ (``tests/integration/rbac.py``); the bench itself is admin."""
 
-    def __init__(self, workdir: Path, tag: str, kubeconfig: str | None, api: str = "auto") -> None:
+    def __init__(
+        self, workdir: Path, tag: str, kubeconfig: str | None, api: str = "auto", cluster_credentials: bool = False
+    ) -> None:
         import kubernetes
+
+        #: Also the ClusterAutoTekCredential CRD, and the operator bound to the rendering's other ClusterRoles
+        #: (autotek-operator-cluster-credentials) too.
+        self.cluster_credentials = cluster_credentials
 
         self.proc: subprocess.Popen[str] | None = None
         self.plane: Any = None
@@ -720,7 +871,9 @@ class Cluster:
         except (KeyError, StopIteration, ValueError, OSError, ssl.SSLError):
             self.target = None
         if not self.emulated:
-            self._install_crd()
+            self._install_crd(CRD_FILE)
+            if cluster_credentials:
+                self._install_crd(CLUSTER_CRD_FILE)
 
     @property
     def real(self) -> bool:
@@ -755,7 +908,8 @@ class Cluster:
             os.environ.pop("AUTOTEK_TEST_CONTROLPLANE", None)
             self._rbac = rbac.Rbac(self.kubeconfig, self.api, "bench", self.workdir, namespace=OPERATOR_SA[0])
             role = rbac.one(self._rbac.rendered(), "ClusterRole", "autotek-operator")
-            identity = self._rbac.service_account(OPERATOR_SA[1], shared_cluster_roles=[rbac.bare(role)])
+            companions = rbac.companion_roles(self._rbac.rendered()) if self.cluster_credentials else []
+            identity = self._rbac.service_account(OPERATOR_SA[1], shared_cluster_roles=[rbac.bare(role), *companions])
             self._operator_kubeconfig = identity.kubeconfig
             assert self.target is not None
             kube = self.target.connect()
@@ -777,13 +931,13 @@ class Cluster:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def _install_crd(self) -> None:
+    def _install_crd(self, path: Path) -> None:
         import yaml
         from kubernetes.client import ApiextensionsV1Api
         from kubernetes.client.exceptions import ApiException
 
         ext = ApiextensionsV1Api(self.api)
-        crd = yaml.safe_load(CRD_FILE.read_text())
+        crd = yaml.safe_load(path.read_text())
         try:
             ext.create_custom_resource_definition(crd)
         except ApiException as exc:
