@@ -132,8 +132,14 @@ def test_rollout_restart_after_rotation(cluster: Cluster, broker: Broker, ns: st
     wait_for("Ready", lambda: (cluster.ready(ns, "autotek") or {}).get("status") == "True")
     assert _restarted_at(cluster, ns, "web") is None  # the first issue restarts nothing
     wait_for("a restart after the rotation", lambda: _restarted_at(cluster, ns, "web"), timeout=40)
-    cred = cluster.credential(ns, "autotek") or {}
-    rollout = next(x for x in cred["status"]["conditions"] if x["type"] == "RolloutRestart")
+    # The pass restarts the workload first and writes the status after it: wait for the status.
+
+    def rollout_condition() -> dict[str, Any] | None:
+        cred = cluster.credential(ns, "autotek") or {}
+        found = [x for x in (cred.get("status") or {}).get("conditions") or [] if x["type"] == "RolloutRestart"]
+        return found[0] if found and found[0]["reason"] != "WaitingForRotation" else None
+
+    rollout = wait_for("the RolloutRestart condition after the restart", rollout_condition, timeout=30)
     assert (rollout["status"], rollout["reason"]) == ("False", "RestartTargetNotFound")
     assert "Deployment gone" in rollout["message"]
     assert (cluster.ready(ns, "autotek") or {}).get("status") == "True"
