@@ -909,10 +909,13 @@ class Run:
             deadline = t0 + lifetime + max(120.0, k * 0.3)
             second: str | None = None
             t_rot = None
+            c_rot, t_c_rot = c2, t1  # the control plane's CPU from the first Secret with the new token on
             while time.time() < deadline:
                 held = tokens.tokens()
                 others = {t: n for t, n in held.items() if t != first}
                 if others:
+                    if second is None:
+                        c_rot, t_c_rot = cluster.component_cpu(), time.time()
                     second = max(others, key=lambda t: others[t])
                     if others[second] >= k:
                         t_rot = max(tokens.times_for(second))
@@ -946,7 +949,7 @@ class Run:
                         "operator_rss_max_mib": mib(w["rss_max_kib"]),
                         "api_requests": api,
                         "api_requests_per_namespace": per(api, k),
-                        "server_cpu": cpu_delta(c2, c3, t3 - t1),
+                        "server_cpu": cpu_delta(c_rot, c3, t3 - t_c_rot),
                     }
                 )
             rot["operator_peak_rss_mib"] = mib(s3.get("VmHWM", 0))
