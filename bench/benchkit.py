@@ -391,47 +391,43 @@ def ready_of(obj: dict[str, Any]) -> bool:
     )
 
 
-class ReadyWatch:
-    """List + watch the credentials of one namespace and note when each became Ready (one stream:
-    cheaper for the API server than a LIST per poll at 10 000 objects)."""
+class _StreamWatch:
+    """List, then watch from the list's resourceVersion on one keep-alive connection (one stream:
+    cheaper for the API server than a LIST per poll at 10 000 objects); subclasses note what they see."""
 
-    def __init__(self, target: KubeTarget, ns: str) -> None:
-        self.target, self.ns = target, ns
-        self.ready: dict[str, float] = {}
-        self.total = 0
+    def __init__(self, target: KubeTarget, thread_name: str) -> None:
+        self.target = target
         self.error: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listed = threading.Event()
         self._conn: http.client.HTTPConnection | None = None
-        self._thread = threading.Thread(target=self._run, name=f"readywatch-{ns}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
         self._listed.wait(60)
 
-    def _path(self) -> str:
-        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.ns}/{PLURAL}"
+    def _path(self, query: str = "") -> str:
+        """The collection's path, with ``query`` (``key=value&...``) appended."""
+        raise NotImplementedError
 
-    def _note(self, obj: dict[str, Any], now: float) -> None:
-        name = obj["metadata"]["name"]
-        with self._lock:
-            if ready_of(obj):
-                self.ready.setdefault(name, now)
-            else:
-                self.ready.pop(name, None)
+    def _seen(self, obj: dict[str, Any], now: float) -> None:
+        """An object listed, added or modified."""
+        raise NotImplementedError
+
+    def _gone(self, obj: dict[str, Any], now: float) -> None:
+        """An object deleted."""
+        raise NotImplementedError
 
     def _run(self) -> None:
         kube = self.target.connect()
         rv = ""
-        names: set[str] = set()
         try:
             doc = kube.json("GET", self._path())
             now = time.time()
             for obj in doc.get("items", []):
-                names.add(obj["metadata"]["name"])
-                self._note(obj, now)
-            self.total = len(names)
+                self._seen(obj, now)
             rv = doc["metadata"]["resourceVersion"]
-        except Exception as exc:  # noqa: BLE001 - reported by wait()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
             self.error = f"list: {exc}"
         finally:
             kube.close()
@@ -442,7 +438,7 @@ class ReadyWatch:
             try:
                 conn.request(
                     "GET",
-                    f"{self._path()}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=300",
+                    self._path(f"watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=300"),
                     headers=self.target.headers,
                 )
                 resp = conn.getresponse()
@@ -457,22 +453,61 @@ class ReadyWatch:
                     obj = ev.get("object") or {}
                     rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
                     if ev.get("type") in ("ADDED", "MODIFIED"):
-                        names.add(obj["metadata"]["name"])
-                        self._note(obj, time.time())
+                        self._seen(obj, time.time())
                     elif ev.get("type") == "DELETED":
-                        names.discard(obj["metadata"]["name"])
-                        with self._lock:
-                            self.ready.pop(obj["metadata"]["name"], None)
+                        self._gone(obj, time.time())
                     elif ev.get("type") == "ERROR":
                         self.error = f"watch error: {obj.get('message')}"
                         return
-                    self.total = len(names)
             except (OSError, http.client.HTTPException, ValueError):
                 if self._stop.is_set():
                     return
                 time.sleep(0.5)
             finally:
                 conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(2)
+            except OSError:
+                pass
+        self._thread.join(5)
+
+
+class ReadyWatch(_StreamWatch):
+    """List + watch the credentials of one namespace and note when each became Ready."""
+
+    def __init__(self, target: KubeTarget, ns: str) -> None:
+        self.ns = ns
+        self.ready: dict[str, float] = {}
+        self.total = 0
+        self._names: set[str] = set()
+        super().__init__(target, f"readywatch-{ns}")
+
+    def _path(self, query: str = "") -> str:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.ns}/{PLURAL}"
+        return f"{path}?{query}" if query else path
+
+    def _seen(self, obj: dict[str, Any], now: float) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            self._names.add(name)
+            self.total = len(self._names)
+            if ready_of(obj):
+                self.ready.setdefault(name, now)
+            else:
+                self.ready.pop(name, None)
+
+    def _gone(self, obj: dict[str, Any], now: float) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            self._names.discard(name)
+            self.total = len(self._names)
+            self.ready.pop(name, None)
 
     def count(self) -> tuple[int, int]:
         with self._lock:
@@ -492,24 +527,13 @@ class ReadyWatch:
         marks["t_first"] = round(times[0] - t0, 2) if times else None
         return {**marks, "ready": len(times), "timed_out": len(times) < n, "watch_error": self.error}
 
-    def stop(self) -> None:
-        self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            try:
-                if conn.sock is not None:
-                    conn.sock.shutdown(2)
-            except OSError:
-                pass
-        self._thread.join(5)
 
-
-class TokenWatch:
+class TokenWatch(_StreamWatch):
     """List + watch, across all namespaces, the Secrets named ``name``: which token (the ``access_token``
     value) each namespace holds, and when each namespace first held each token."""
 
     def __init__(self, target: KubeTarget, name: str) -> None:
-        self.target, self.name = target, name
+        self.name = name
         #: namespace -> the access_token (base64, as stored) its Secret holds now
         self.holds: dict[str, str] = {}
         #: (namespace, token) -> when that namespace was first seen holding that token
@@ -518,21 +542,19 @@ class TokenWatch:
         self.holders: dict[str, int] = {}
         #: (time, namespace) of every ADDED or MODIFIED event
         self.events: list[tuple[float, str]] = []
-        self.error: str | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._listed = threading.Event()
-        self._conn: http.client.HTTPConnection | None = None
-        self._thread = threading.Thread(target=self._run, name=f"tokenwatch-{name}", daemon=True)
-        self._thread.start()
-        self._listed.wait(60)
+        super().__init__(target, f"tokenwatch-{name}")
 
-    def _path(self, extra: str = "") -> str:
-        return f"/api/v1/secrets?fieldSelector=metadata.name%3D{urllib.parse.quote(self.name)}{extra}"
+    def _path(self, query: str = "") -> str:
+        path = f"/api/v1/secrets?fieldSelector=metadata.name%3D{urllib.parse.quote(self.name)}"
+        return f"{path}&{query}" if query else path
 
-    def _note(self, obj: dict[str, Any], now: float, deleted: bool = False) -> None:
-        ns = obj["metadata"]["namespace"]
-        token = "" if deleted else ((obj.get("data") or {}).get("access_token") or "")
+    def _seen(self, obj: dict[str, Any], now: float) -> None:
+        self._hold(obj["metadata"]["namespace"], (obj.get("data") or {}).get("access_token") or "", now)
+
+    def _gone(self, obj: dict[str, Any], now: float) -> None:
+        self._hold(obj["metadata"]["namespace"], "", now)
+
+    def _hold(self, ns: str, token: str, now: float) -> None:
         with self._lock:
             old = self.holds.pop(ns, None)
             if old is not None:
@@ -542,54 +564,6 @@ class TokenWatch:
                 self.holders[token] = self.holders.get(token, 0) + 1
                 self.first_seen.setdefault((ns, token), now)
                 self.events.append((now, ns))
-
-    def _run(self) -> None:
-        kube = self.target.connect()
-        rv = ""
-        try:
-            doc = kube.json("GET", self._path())
-            now = time.time()
-            for obj in doc.get("items", []):
-                self._note(obj, now)
-            rv = doc["metadata"]["resourceVersion"]
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
-            self.error = f"list: {exc}"
-        finally:
-            kube.close()
-            self._listed.set()
-        while not self._stop.is_set() and rv:
-            conn = self.target.connect(timeout=30.0)._new()
-            self._conn = conn
-            try:
-                conn.request(
-                    "GET",
-                    self._path(f"&watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=300"),
-                    headers=self.target.headers,
-                )
-                resp = conn.getresponse()
-                if resp.status != 200:
-                    self.error = f"watch: HTTP {resp.status}"
-                    return
-                while not self._stop.is_set():
-                    line = resp.readline()
-                    if not line:
-                        break
-                    ev = json.loads(line)
-                    obj = ev.get("object") or {}
-                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
-                    if ev.get("type") in ("ADDED", "MODIFIED"):
-                        self._note(obj, time.time())
-                    elif ev.get("type") == "DELETED":
-                        self._note(obj, time.time(), deleted=True)
-                    elif ev.get("type") == "ERROR":
-                        self.error = f"watch error: {obj.get('message')}"
-                        return
-            except (OSError, http.client.HTTPException, ValueError):
-                if self._stop.is_set():
-                    return
-                time.sleep(0.5)
-            finally:
-                conn.close()
 
     def tokens(self) -> dict[str, int]:
         """token -> namespaces holding it now (tokens nobody holds left out)."""
@@ -613,17 +587,6 @@ class TokenWatch:
     def writes_between(self, t0: float, t1: float) -> int:
         with self._lock:
             return sum(1 for t, _ in self.events if t0 <= t <= t1)
-
-    def stop(self) -> None:
-        self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            try:
-                if conn.sock is not None:
-                    conn.sock.shutdown(2)
-            except OSError:
-                pass
-        self._thread.join(5)
 
 
 def delete_many(target: KubeTarget, paths: list[str], threads: int = 16) -> float:
