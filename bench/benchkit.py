@@ -312,25 +312,16 @@ class KubeTarget:
         return LeanKube(self, timeout)
 
 
-class LeanKube:
-    """One keep-alive HTTP(S) connection to the API server; not thread-safe (one per thread)."""
+class KeepAlive:
+    """One keep-alive HTTP(S) connection, opened on first use and again after the server closed it;
+    a request that fails on a connection is retried once on a new one. Not thread-safe (one per thread)."""
 
-    def __init__(self, target: KubeTarget, timeout: float = 60.0) -> None:
-        self.target, self.timeout = target, timeout
-        self.conn: http.client.HTTPConnection | None = None
+    conn: http.client.HTTPConnection | None = None
 
     def _new(self) -> http.client.HTTPConnection:
-        t = self.target
-        if t.https:
-            return http.client.HTTPSConnection(t.host, t.port, timeout=self.timeout, context=t.context)
-        return http.client.HTTPConnection(t.host, t.port, timeout=self.timeout)
+        raise NotImplementedError
 
-    def call(
-        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
-    ) -> tuple[int, bytes]:
-        headers = dict(self.target.headers)
-        if body is not None:
-            headers["Content-Type"] = content_type
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
         for attempt in (0, 1):
             if self.conn is None:
                 self.conn = self._new()
@@ -348,6 +339,27 @@ class LeanKube:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+class LeanKube(KeepAlive):
+    """One keep-alive HTTP(S) connection to the API server; not thread-safe (one per thread)."""
+
+    def __init__(self, target: KubeTarget, timeout: float = 60.0) -> None:
+        self.target, self.timeout = target, timeout
+
+    def _new(self) -> http.client.HTTPConnection:
+        t = self.target
+        if t.https:
+            return http.client.HTTPSConnection(t.host, t.port, timeout=self.timeout, context=t.context)
+        return http.client.HTTPConnection(t.host, t.port, timeout=self.timeout)
+
+    def call(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
+        headers = dict(self.target.headers)
+        if body is not None:
+            headers["Content-Type"] = content_type
+        return self.request(method, path, body, headers)
 
     def json(self, method: str, path: str, doc: Any = None, content_type: str = "application/json") -> Any:
         status, data = self.call(method, path, json.dumps(doc).encode() if doc is not None else None, content_type)

@@ -45,7 +45,7 @@ def _fmt(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class TokenConn:
+class TokenConn(bk.KeepAlive):
     """One keep-alive connection to the token endpoint."""
 
     def __init__(self, url: str) -> None:
@@ -53,27 +53,13 @@ class TokenConn:
         self.https = parts.scheme == "https"
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or (443 if self.https else 80)
         self.path = parts.path or "/"
-        self.conn: http.client.HTTPConnection | None = None
+
+    def _new(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=30)
 
     def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        for attempt in (0, 1):
-            if self.conn is None:
-                cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-                self.conn = cls(self.host, self.port, timeout=30)
-            try:
-                self.conn.request("POST", self.path, body=body, headers=headers)
-                resp = self.conn.getresponse()
-                data = resp.read()
-                if resp.will_close:
-                    self.conn.close()
-                    self.conn = None
-                return resp.status, data
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        return self.request("POST", self.path, body, headers)
 
 
 def main(argv: list[str] | None = None) -> int:
