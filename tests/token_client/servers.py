@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,21 +38,22 @@ class RawRequest:
 Respond = Callable[[socket.socket, RawRequest, threading.Event], None]
 
 
-class RawServer:
-    """A loopback TCP server; each connection's first request is passed to ``respond``."""
+class LoopbackServer:
+    """A loopback TCP server: a thread accepts connections and hands each, numbered from 1, to
+    ``_handle`` on a thread of its own; leaving the ``with`` block stops it and closes them all."""
 
-    def __init__(self, respond: Respond) -> None:
-        self.respond = respond
-        self.requests: list[RawRequest] = []
+    def __init__(self, scheme: str = "http") -> None:
+        self.connections = 0
         self.stopping = threading.Event()
+        self._lock = threading.Lock()
         self._sock = socket.create_server(("127.0.0.1", 0))
         self._sock.settimeout(0.1)
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._conns: list[socket.socket] = []
 
-    def __enter__(self) -> RawServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -73,10 +75,25 @@ class RawServer:
                 continue
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
+                number = self.connections
             self._conns.append(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn, number), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, number: int) -> None:
+        raise NotImplementedError
+
+
+class RawServer(LoopbackServer):
+    """A loopback TCP server; each connection's first request is passed to ``respond``."""
+
+    def __init__(self, respond: Respond) -> None:
+        super().__init__()
+        self.respond = respond
+        self.requests: list[RawRequest] = []
+
+    def _handle(self, conn: socket.socket, number: int) -> None:
         conn.settimeout(10)
         try:
             data = b""
@@ -119,7 +136,7 @@ def drip(conn: socket.socket, data: bytes, interval: float, stopping: threading.
         time.sleep(interval)
 
 
-class KeepAliveServer:
+class KeepAliveServer(LoopbackServer):
     """A loopback HTTP/1.1 token endpoint (https with ``tls``: a (cert, key) file pair) that keeps
     connections open and counts them: ``connections`` is how many TCP connections were accepted,
     ``served`` lists (connection number, request number on it) per answered request.
@@ -130,49 +147,13 @@ class KeepAliveServer:
     answer one byte every 0.2 s)."""
 
     def __init__(self, tls: tuple[Path, Path] | None = None, behave: Callable[[int, int], str] | None = None) -> None:
+        super().__init__("https" if tls else "http")
         self.behave = behave or (lambda conn_no, req_no: "answer")
-        self.connections = 0
         self.served: list[tuple[int, int]] = []
-        self.stopping = threading.Event()
-        self._lock = threading.Lock()
         self._ctx: ssl.SSLContext | None = None
         if tls is not None:
             self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._ctx.load_cert_chain(str(tls[0]), str(tls[1]))
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._sock.settimeout(0.1)
-        self.port = self._sock.getsockname()[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._conns: list[socket.socket] = []
-
-    def __enter__(self) -> KeepAliveServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
-        for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-                number = self.connections
-            self._conns.append(conn)
-            threading.Thread(target=self._handle, args=(conn, number), daemon=True).start()
 
     def _handle(self, raw: socket.socket, number: int) -> None:
         conn = raw
