@@ -64,6 +64,9 @@ REASON_NO_NAMESPACES_SELECTED = "NoNamespacesSelected"
 REASON_WRITE_FAILED = "KubernetesAPIError"
 #: At most this many entries in status.failedNamespaces (sorted by namespace).
 MAX_FAILED_NAMESPACES = 20
+#: A namespace the API server reported deleted or Terminating is looked at again after this long
+#: (if the namespace watch has not dropped it from the selection by then).
+NAMESPACE_GONE_RECHECK_SECONDS = 30
 
 # Event reasons (besides the failure reasons above, which Warning Events reuse).
 EVENT_ISSUED = "TokenIssued"

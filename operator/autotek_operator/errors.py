@@ -87,6 +87,11 @@ class KubernetesAPIError(AutoTekError):
     retry_class = "transient"
 
 
+class NamespaceGone(KubernetesAPIError):
+    """The API server refused a write into a namespace that is deleted or being deleted (404 for the
+    namespace, 403 NamespaceTerminating): the namespace watch drops it from the selection."""
+
+
 class ClientSecretNamespaceNotAllowed(AutoTekError):
     """A ClusterAutoTekCredential names a client Secret outside AUTOTEK_CLUSTER_CREDENTIAL_NAMESPACES."""
 

@@ -25,7 +25,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from . import constants as c
-from .errors import KubernetesAPIError
+from .errors import KubernetesAPIError, NamespaceGone
 from .timefmt import format_time
 
 #: (group, resource, verb) for each call made through this module ("" is the core group).
@@ -65,6 +65,11 @@ def api_call(
             except ApiException as exc:
                 if exc.status == 409:
                     raise Conflict(f"{verb} {'/'.join(resources)}: conflict") from None
+                if getattr(exc, "namespace_gone", False):
+                    raise NamespaceGone(
+                        f"Kubernetes API {verb} {'/'.join(resources)} failed: HTTP {exc.status}: "
+                        "the namespace is deleted or being deleted"
+                    ) from None
                 raise KubernetesAPIError(
                     f"Kubernetes API {verb} {'/'.join(resources)} failed: HTTP {exc.status} {exc.reason or ''}".strip(),
                     retry_after=_retry_after(exc),
@@ -177,8 +182,28 @@ class Transport:
         if not 200 <= resp.status <= 299:
             exc = ApiException(status=resp.status, reason=resp.reason)
             exc.headers = resp.headers  # Retry-After; the body (which could echo data) is not kept
+            exc.namespace_gone = _namespace_gone(resp.status, resp.data)
             raise exc
         return _json(resp.data)
+
+
+def _namespace_gone(status: int, data: bytes) -> bool:
+    """Whether an error answer says the request's namespace is deleted (404 NotFound about the
+    namespace itself) or being deleted (403 with the NamespaceTerminating cause). Only the Status
+    object's structured fields are read, never its message."""
+    if status not in (403, 404) or not data:
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    if not isinstance(doc, dict) or doc.get("kind") != "Status":
+        return False
+    details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+    if status == 404:
+        return doc.get("reason") == "NotFound" and details.get("kind") == "namespaces"
+    causes = details.get("causes") if isinstance(details.get("causes"), list) else []
+    return any(isinstance(x, dict) and x.get("type") == "NamespaceTerminating" for x in causes)
 
 
 def request(

@@ -412,6 +412,11 @@ def _each(deps: Deps, namespaces: list[str], fn: Callable[[str], Any]) -> dict[s
 
 def _namespace_failed(t: NamespaceTarget, exc: errors.AutoTekError, now: datetime, deps: Deps) -> None:
     """Record a failure in one namespace: that namespace alone backs off."""
+    if isinstance(exc, errors.NamespaceGone):
+        # Deleted or Terminating since the selection was computed: skipped quietly, not a failure.
+        t.reason, t.message, t.attempts, t.gone = None, "", 0, True
+        t.retry_at = now + timedelta(seconds=c.NAMESPACE_GONE_RECHECK_SECONDS)
+        return
     t.attempts += 1
     refused = isinstance(exc, errors.TargetConflict | errors.TargetNotFound)
     t.reason = exc.reason if refused else c.REASON_WRITE_FAILED
@@ -437,7 +442,7 @@ def _look_all(st: CredentialState, spec: CredentialSpec, owner: Owner, deps: Dep
             t.reason, t.retry_at = c.REASON_TARGET_CONFLICT, None  # until the runtime sees a change
             t.message = f"Secret {spec.target.name} is kept by the older {c.CLUSTER_KIND} {older}"
             continue
-        if t.failed() and (t.retry_at is None or now < t.retry_at):
+        if t.waiting(now):
             continue  # this namespace's own backoff; a change to its Secret clears it
         todo.append(ns)
     looked: dict[str, Any] = {}
@@ -516,18 +521,20 @@ class NamespaceCounts:
 
 
 def namespace_counts(st: CredentialState, now: datetime) -> NamespaceCounts:
-    provisioned = 0
+    provisioned = gone = 0
     failed = []
     token = st.token if st.token is not None and st.token.valid(now) else None
     for ns in sorted(st.selected):
         t = st.targets.get(ns)
         if t is None:
             continue
-        if t.reason is not None:
+        if t.gone:
+            gone += 1  # deleted or Terminating: no longer counted as selected
+        elif t.reason is not None:
             failed.append((ns, t.reason, t.message))
         elif token is not None and isinstance(t.body, Written) and t.body.token == token:
             provisioned += 1
-    return NamespaceCounts(len(st.selected), provisioned, tuple(failed))
+    return NamespaceCounts(len(st.selected) - gone, provisioned, tuple(failed))
 
 
 def _check_client_namespace(spec: CredentialSpec, deps: Deps) -> None:
@@ -652,7 +659,7 @@ def run_pass(st: CredentialState, deps: Deps) -> CredentialState:
         if st.cluster:
             so_far = namespace_counts(st, now)
             delivered = so_far.provisioned > 0
-            target_ok = bool(st.selected) and so_far.provisioned == so_far.selected
+            target_ok = so_far.selected > 0 and so_far.provisioned == so_far.selected
         else:
             delivered = target_ok = st.namespace in looked and st.token is not None and st.token.valid(now)
         if provisioned:

@@ -52,12 +52,19 @@ class NamespaceTarget:
     message: str = ""
     attempts: int = 0
     retry_at: datetime | None = None
+    #: The API server said the namespace is deleted or Terminating: not counted, not reported, looked
+    #: at again at ``retry_at`` unless the namespace watch drops it from the selection first.
+    gone: bool = False
 
     def failed(self) -> bool:
         return self.reason is not None
 
+    def waiting(self, now: datetime) -> bool:
+        """Failed or gone, and its retry time not reached (None: until a change)."""
+        return (self.reason is not None or self.gone) and (self.retry_at is None or now < self.retry_at)
+
     def clear_failure(self) -> None:
-        self.reason, self.message, self.attempts, self.retry_at = None, "", 0, None
+        self.reason, self.message, self.attempts, self.retry_at, self.gone = None, "", 0, None, False
 
 
 @dataclass(slots=True)

@@ -397,12 +397,6 @@ def test_namespaces_created_and_labelled_into_and_out_of_the_selection(world: Wo
     assert w.ready(name)["status"] == "True"
 
 
-# Not strict: a race (it passed in 1 of 4 runs here); a strict marker would make the suite flaky.
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "core: a pass that started before the namespace watch reported the deletion still writes into the namespace "
-    "(create secrets: 404 for a deleted one, 403 for a Terminating one) and reports it failed (KubernetesAPIError), "
-    "Ready=False NamespacesNotProvisioned and a Warning Event, for one pass; see the runtime's 'selected "
-    "namespaces changed during a pass; looking again afterwards'"))
 def test_a_deleted_or_terminating_namespace_is_skipped_quietly(world: World) -> None:
     """From the moment of the deletion on: never a failed namespace, never Ready=False, never an Event about it;
     a Terminating namespace (held by a finalizer on another object) is not counted and gets no Secret."""

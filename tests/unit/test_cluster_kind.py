@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -267,6 +268,45 @@ def test_a_write_error_in_one_namespace_is_reported_as_kubernetes_api_error() ->
     # A transient failure: 5 s, raised to the 10 s floor.
     assert retry is not None and (retry - w.clock()).total_seconds() == pytest.approx(10, abs=1)
     assert ready_reason(w) == c.REASON_NAMESPACES_NOT_PROVISIONED
+
+
+def test_a_namespace_the_api_server_calls_gone_is_skipped_quietly() -> None:
+    """A write refused because the namespace is deleted or Terminating (the namespace watch has not
+    said so yet) is neither a failure nor selected: no failedNamespaces, Ready stays True, no Warning;
+    that namespace is looked at again after NAMESPACE_GONE_RECHECK_SECONDS, unless dropped first."""
+    w = World()
+    create = w.kube.create_secret
+
+    def refusing(namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if namespace == "leaving":
+            raise errors.NamespaceGone("Kubernetes API create secrets failed: HTTP 403: the namespace is ...")
+        return create(namespace, body)
+
+    w.kube.create_secret = refusing  # type: ignore[method-assign]
+    st = run_pass(w.state(["a", "leaving", "b"]), w.deps)
+    status = w.status()
+    assert status["namespaces"] == {"selected": 2, "provisioned": 2, "failed": 0, "summary": "2/2"}
+    assert "failedNamespaces" not in status
+    assert ready_reason(w) == c.REASON_TOKEN_ISSUED and status["conditions"][0]["status"] == "True"
+    assert [e["reason"] for e in w.kube.events] == ["TokenIssued"]
+    t = st.targets["leaving"]
+    assert t.gone and not t.failed()
+    assert t.retry_at == w.clock() + timedelta(seconds=c.NAMESPACE_GONE_RECHECK_SECONDS)
+    # Before the recheck: nothing is called for it.
+    w.kube.calls.clear()
+    w.clock.advance(10)
+    run_pass(st, w.deps)
+    assert w.kube.calls == []
+    # The namespace watch drops it: the record goes with it.
+    st.selected = frozenset({"a", "b"})
+    run_pass(st, w.deps)
+    assert "leaving" not in st.targets and w.kube.calls == []
+    # A namespace that was not gone after all (the same name again): written at the recheck.
+    st.selected = frozenset({"a", "b", "leaving"})
+    st.target("leaving").gone, st.targets["leaving"].retry_at = True, w.clock()
+    w.kube.create_secret = create  # type: ignore[method-assign]
+    run_pass(st, w.deps)
+    assert w.status()["namespaces"]["summary"] == "3/3" and not st.targets["leaving"].gone
 
 
 def ready_reason(w: World) -> str:

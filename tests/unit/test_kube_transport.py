@@ -17,7 +17,7 @@ import urllib3
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from autotek_operator import kube
-from autotek_operator.errors import KubernetesAPIError
+from autotek_operator.errors import KubernetesAPIError, NamespaceGone
 
 SECRET_DATA = "c3VwZXItc2VjcmV0LXZhbHVl"  # what must never show in an error message
 
@@ -169,3 +169,31 @@ def test_a_server_that_does_not_answer_times_out(serve: Callable[..., _Server]) 
     transport = kube.Transport(_client(server.url))
     with pytest.raises(urllib3.exceptions.ReadTimeoutError):
         kube.request(transport, "GET", "/api/v1/namespaces/ns/secrets/s", timeout=(0.5, 0.2))
+
+
+def _status(reason: str, kind: str, *causes: str) -> dict[str, Any]:
+    return {"kind": "Status", "reason": reason, "message": f"echo {SECRET_DATA}",
+            "details": {"name": "x", "kind": kind, "causes": [{"type": t} for t in causes]}}
+
+
+@pytest.mark.parametrize(("status", "doc", "gone"), [
+    pytest.param(404, _status("NotFound", "namespaces"), True, id="namespace-deleted"),
+    pytest.param(403, _status("Forbidden", "secrets", "NamespaceTerminating"), True, id="namespace-terminating"),
+    pytest.param(404, _status("NotFound", "secrets"), False, id="secret-not-found"),
+    pytest.param(403, _status("Forbidden", "secrets"), False, id="rbac-forbidden"),
+    pytest.param(403, _status("Forbidden", "secrets", "FieldValueInvalid"), False, id="other-cause"),
+    pytest.param(500, _status("InternalError", "namespaces", "NamespaceTerminating"), False, id="server-error"),
+    pytest.param(403, {"reason": "Forbidden", "details": {"causes": [{"type": "NamespaceTerminating"}]}}, False,
+                 id="not-a-status"),
+    pytest.param(403, ["NamespaceTerminating"], False, id="not-an-object"),
+])
+def test_a_deleted_or_terminating_namespace_is_told_apart(
+    serve: Callable[..., _Server], status: int, doc: Any, gone: bool
+) -> None:
+    """Read from the Status object's structured fields (reason, details.kind, details.causes[].type)."""
+    server = serve(lambda *_: (status, {}, doc))
+    k = kube.Kube(_client(server.url))
+    with pytest.raises(KubernetesAPIError) as caught:
+        k.create_secret("ns", {"metadata": {"name": "x"}, "data": {"k": SECRET_DATA}})
+    assert isinstance(caught.value, NamespaceGone) is gone
+    assert SECRET_DATA not in str(caught.value) and caught.value.__cause__ is None
