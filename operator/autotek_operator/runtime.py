@@ -41,6 +41,8 @@ Change = Callable[[CredentialState], bool]
 
 #: After an unexpected error in a pass, try that credential again after this long.
 CRASH_RETRY_SECONDS = 60.0
+#: A cleanup that failed (an API error, or the Secret changing under it twice) is tried again after this.
+CONVERGE_RETRY_SECONDS = 10.0
 #: The namespace part of a ClusterAutoTekCredential's key (no namespace is called "").
 CLUSTER = ""
 #: At most this many early client Secrets are kept (``Runtime.early_clients``), each of at most
@@ -88,6 +90,8 @@ class Runtime:
         self.marked: dict[Key, converge.Mark] = {}
         #: Marked Secrets whose cleanup is under way, and (Secret, problem) pairs already logged.
         self._converging: set[Key] = set()
+        #: Secrets asked about again while their cleanup ran: looked at again once it is over.
+        self._converge_again: set[Key] = set()
         self._reported: set[tuple[Key, str]] = set()
         self.inflight: set[Key] = set()
         self.pending: dict[Key, list[Change]] = {}
@@ -299,6 +303,8 @@ class Runtime:
                 deleted = self._cleanup_after.pop(key, None)
                 if deleted is not None:
                     await loop.run_in_executor(self._executor, self._cleanup, deleted)
+                if key[0] == CLUSTER:
+                    self.converge_scope(None)  # the pass may have written after the deletion's convergence
                 return  # deleted (or deleted and re-created) while the pass ran
             self.states[key] = result
             rerun = False
@@ -357,6 +363,8 @@ class Runtime:
             if action.secret not in self._converging:
                 self._converging.add(action.secret)
                 todo.append(action)
+            else:
+                self._converge_again.add(action.secret)  # what the running cleanup read may be older
         if not todo:
             return
         loop = asyncio.get_running_loop()
@@ -365,11 +373,17 @@ class Runtime:
             return await loop.run_in_executor(self._executor, self._clean_orphans, todo, wanted)
 
         def done(fut: asyncio.Task[list[converge.Action]]) -> None:
+            again = set()
             for action in todo:
                 self._converging.discard(action.secret)
+                if action.secret in self._converge_again:
+                    self._converge_again.discard(action.secret)
+                    again.add(action.secret[0])
             failed = fut.result() if not fut.cancelled() and fut.exception() is None else todo
-            if failed:  # try again later (a complete list may not come for a long time)
-                loop.call_later(CRASH_RETRY_SECONDS, self.converge_scope, namespace)
+            if failed:  # try again soon (a complete list may not come for a long time)
+                loop.call_later(CONVERGE_RETRY_SECONDS, self.converge_scope, namespace)
+            for ns in sorted(again):
+                loop.call_soon(self.converge_scope, ns)
 
         task = asyncio.create_task(clean())
         task.add_done_callback(done)
@@ -438,9 +452,16 @@ class Runtime:
             secret = kube.get_secret(secret_ns, secret_name)
             mark = converge.mark_of(secret) if secret is not None else None
             if secret is None or mark is None:
+                log.debug("Secret %s/%s: gone or no longer marked; nothing to clean up", secret_ns, secret_name)
                 return True
             again = converge.decide(action.secret, mark, live, self.deps.selector)
             if again.action != action.action or again.credential != action.credential:
+                log.debug(
+                    "Secret %s/%s: changed since it was seen (%s); left to the next look",
+                    secret_ns,
+                    secret_name,
+                    again.why,
+                )
                 return True  # changed since it was seen: the next look decides
             if action.action == converge.UNMERGE:
                 kube.patch_secret(secret_ns, secret_name, unmerge_patch(secret))
@@ -479,6 +500,12 @@ class Runtime:
                     action.why,
                 )
         except Conflict:
+            log.debug(
+                "Secret %s/%s: changed while being cleaned up; %s",
+                secret_ns,
+                secret_name,
+                f"again in {int(CONVERGE_RETRY_SECONDS)}s" if last else "reading it again",
+            )
             return False if last else None
         except AutoTekError as exc:
             log.warning("%s/%s: cleanup of Secret %s failed: %s; retrying later", ns, name, secret_name, exc.message)

@@ -657,10 +657,6 @@ def _three_policies(w: World) -> Policies:
     return Policies(names, nss, tokens)
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "core, intermittent (1 of 3 runs): a Merge cluster credential deleted next to two others was not cleaned up "
-    "within 60 s: after its first pass the operator logged nothing more about it; the next operator process "
-    "unmerged it at start-up"))
 def test_deletion_policies_when_the_credential_is_deleted(world: World) -> None:
     w = world
     p = _three_policies(w)

@@ -6,13 +6,14 @@ runtime's namespace events (a namespace labelled in gets a write-only pass, labe
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from fakes import T0, Clock, FakeKube, FakeTokens, real_now, settle
+from fakes import T0, Clock, FakeKube, FakeTokens, b64, real_now, settle
 
 from autotek_operator import constants as c
 from autotek_operator import converge, errors
@@ -574,3 +575,36 @@ async def test_a_secret_reported_after_its_namespace_left_the_selection_is_conve
     runtime.on_secret_event("MODIFIED", kube.secrets[("a", "tok")])
     await settle(runtime)
     assert ("a", "tok") in kube.secrets and len(tokens.requests) == 1
+
+
+async def test_a_secret_asked_about_during_its_cleanup_is_looked_at_again(rt: Any) -> None:
+    """The Secret and credential watches are not ordered: a convergence asked for while the Secret's
+    cleanup is running (which may have read it before the latest change) runs once more after it."""
+    runtime, kube, tokens = rt
+    listed(runtime, [ns_body("a")])
+    merge = {"namespaces": ["a"], "target": {"name": "tok", "creationPolicy": "Merge"}}
+    kube.put_secret("a", "tok", {"theirs": "kept"})
+    runtime.on_cluster_credential_events([(None, cc_body("cc", "2026-01-01T00:00:00Z", **merge))])
+    runtime.on_cluster_credentials_listed(None, {("", "cc")})
+    await settle(runtime)
+    assert "access_token" in kube.secrets[("a", "tok")]["data"]
+    runtime.on_secret_event("MODIFIED", kube.secrets[("a", "tok")])
+    # The first cleanup's read of the credential blocks until released.
+    entered, release = threading.Event(), threading.Event()
+    get_cc = kube.get_cluster_credential
+
+    def slow(name: str) -> dict[str, Any] | None:
+        entered.set()
+        release.wait(5)
+        return get_cc(name)
+
+    kube.get_cluster_credential = slow  # type: ignore[method-assign]
+    runtime.on_cluster_credential_events([("DELETED", cc_body("cc", "2026-01-01T00:00:00Z", **merge))])
+    assert await asyncio.to_thread(entered.wait, 5)
+    runtime.converge_scope("a")  # asked again while it runs (e.g. the Secret's event)
+    assert ("a", "tok") in runtime._converge_again
+    release.set()
+    await settle(runtime)
+    assert kube.secrets[("a", "tok")]["data"] == {"theirs": b64("kept")}, "not unmerged"
+    assert [x for x in kube.calls if x[0] == "get-cluster-credential"] == [("get-cluster-credential", "cc")] * 2
+    assert not runtime._converge_again and not runtime._converging
