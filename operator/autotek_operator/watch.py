@@ -56,6 +56,9 @@ class ListWatch:
     Subclasses say what is listed (``what``, ``_request``)."""
 
     what = "objects"
+    #: A list answered 404 (the resource is not served, e.g. its CRD is not installed) is a complete
+    #: empty list: what waits for this list does not wait for ever. The list is retried with backoff.
+    absent_when_not_served = False
 
     def __init__(
         self,
@@ -132,6 +135,11 @@ class ListWatch:
                 problem = "the resourceVersion just listed was already too old"
             except ApiException as exc:
                 problem = f"HTTP {exc.status} {exc.reason or ''}".strip()
+                if exc.status == 404 and version is None and self.absent_when_not_served:
+                    problem += ": not served (is its CRD installed?); taken as none until it is"
+                    if problem != failing:
+                        # The resource is not served (its CRD is not installed): there are none of it.
+                        self.deliver(self.on_listed, ns, set())
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 problem = type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - anything else (a malformed event): the thread must live on
@@ -264,6 +272,7 @@ class ClusterCredentialWatch(ListWatch):
     """The ClusterAutoTekCredentials the label selector selects (cluster-scoped: one thread)."""
 
     what = "cluster credentials"
+    absent_when_not_served = True  # an operator upgraded before its ClusterAutoTekCredential CRD
 
     def __init__(self, custom: CustomObjectsApi, **kw: Any) -> None:
         super().__init__((None,), **kw)

@@ -22,11 +22,12 @@ import kmock
 import kubernetes.client
 import pytest
 from fakes import FakeKube, FakeTokens, running_runtime, settle
+from kubernetes.client.exceptions import ApiException
 
 from autotek_operator import scheduling, watch
 from autotek_operator.dev.emulator import EmulatorThread
 from autotek_operator.runtime import Runtime
-from autotek_operator.watch import SecretWatch
+from autotek_operator.watch import ClusterCredentialWatch, SecretWatch
 
 # An exception escaping a watch thread (say, from stop() closing the stream) fails the test.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -728,3 +729,48 @@ async def test_our_own_target_the_watch_has_not_reported_yet_is_updated_after_th
     assert calls_for(kube, "autotek") == ["create", "get", "replace", "status"]
     assert ready(kube)[0] == "True"
     assert kube.secrets[(NS, "autotek")]["data"]["access_token"] == b64("tok-1")
+
+
+class _NotServed:
+    """list_cluster_custom_object of a CustomObjectsApi whose resource is not served (404) until ``serve``."""
+
+    def __init__(self) -> None:
+        self.served = threading.Event()
+        self.lists = 0
+        self.watching = threading.Event()
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str, **kw: Any) -> Any:
+        if kw.get("watch"):
+            self.watching.set()
+            return _Stream()
+        self.lists += 1
+        if not self.served.is_set():
+            raise ApiException(status=404, reason="Not Found")
+        return _Resp({"metadata": {"resourceVersion": "5"}, "items": [{"metadata": {"name": "cc"}}]})
+
+
+@pytest.mark.parametrize("absent_ok", [True, False])
+def test_a_resource_not_served_is_an_empty_list_only_where_that_is_safe(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, absent_ok: bool
+) -> None:
+    """The cluster credentials' list answering 404 (an operator upgraded before the CRD) counts as a
+    complete empty list, once per failing spell, so that convergence does not wait for it; the list is
+    retried with backoff and the real list follows once the CRD is served."""
+    monkeypatch.setattr(watch, "RETRY_MIN", 0.05)
+    api = _NotServed()
+    rec = Recorder()
+    w = ClusterCredentialWatch(api, deliver=rec.deliver, on_events=rec.on_events, on_listed=rec.on_listed)
+    monkeypatch.setattr(w, "absent_when_not_served", absent_ok)
+    w.start()
+    try:
+        deadline = time.monotonic() + 5
+        while api.lists < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.listed() == ([(None, set())] if absent_ok else [])
+        api.served.set()
+        assert api.watching.wait(5)
+    finally:
+        w.stop()
+    assert rec.listed()[-1] == (None, {("", "cc")})
+    assert len(rec.listed()) == (2 if absent_ok else 1)
+    assert len([m for m in warnings_logged(caplog) if "404" in m]) == 1
