@@ -158,6 +158,17 @@ class World:
     def status(self, name: str = "cc") -> dict[str, Any]:
         return self.kube.statuses[("", name)]
 
+    def fail_creates_in(self, namespace: str, exc: errors.AutoTekError) -> None:
+        """Creating a Secret in ``namespace`` raises ``exc``; elsewhere it works."""
+        create = self.kube.create_secret
+
+        def failing(ns: str, body: dict[str, Any]) -> dict[str, Any]:
+            if ns == namespace:
+                raise exc
+            return create(ns, body)
+
+        self.kube.create_secret = failing  # type: ignore[method-assign]
+
 
 NAMESPACES = [f"ns-{i:02d}" for i in range(12)]
 
@@ -249,14 +260,7 @@ def test_failed_namespaces_are_bounded_and_sorted() -> None:
 
 def test_a_write_error_in_one_namespace_is_reported_as_kubernetes_api_error() -> None:
     w = World()
-    create = w.kube.create_secret
-
-    def failing(namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        if namespace == "a":
-            raise errors.KubernetesAPIError("Kubernetes API create secrets failed: HTTP 500")
-        return create(namespace, body)
-
-    w.kube.create_secret = failing  # type: ignore[method-assign]
+    w.fail_creates_in("a", errors.KubernetesAPIError("Kubernetes API create secrets failed: HTTP 500"))
     st = w.state(["a", "b"])
     for ns in ("a", "b"):
         st.target(ns).body = None  # known absent: straight to create
@@ -277,13 +281,7 @@ def test_a_namespace_the_api_server_calls_gone_is_skipped_quietly() -> None:
     that namespace is looked at again after NAMESPACE_GONE_RECHECK_SECONDS, unless dropped first."""
     w = World()
     create = w.kube.create_secret
-
-    def refusing(namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        if namespace == "leaving":
-            raise errors.NamespaceGone("Kubernetes API create secrets failed: HTTP 403: the namespace is ...")
-        return create(namespace, body)
-
-    w.kube.create_secret = refusing  # type: ignore[method-assign]
+    w.fail_creates_in("leaving", errors.NamespaceGone("Kubernetes API create secrets failed: HTTP 403: ..."))
     st = run_pass(w.state(["a", "leaving", "b"]), w.deps)
     status = w.status()
     assert status["namespaces"] == {"selected": 2, "provisioned": 2, "failed": 0, "summary": "2/2"}
