@@ -1,8 +1,8 @@
-"""The OAuth 2.0 client-credentials exchange (RFC 6749 §4.4) over ``requests``.
+"""The OAuth 2.0 client-credentials exchange (RFC 6749 §4.4) over ``urllib3`` connection pools.
 
 Errors are classified once, here, where the I/O happens: every failure leaves this module as an
-``AutoTekError`` subclass whose message was written by us (never the text of a ``requests``
-exception, which can echo URLs and headers), so no secret can leak through it.
+``AutoTekError`` subclass whose message was written by us (never the text of a ``urllib3`` or
+socket exception, which can echo URLs, headers and data), so no secret can leak through it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import base64
 import email.utils
 import hashlib
 import heapq
-import http.cookiejar
 import itertools
 import json
 import math
@@ -24,12 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import certifi
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ClosedPoolError, HTTPError, NewConnectionError, ProtocolError
+from urllib3.exceptions import SSLError as TLSError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import Timeout
 
 from . import errors
 from .spec import AUTH_BASIC
@@ -266,10 +268,10 @@ def basic_authorization(client_id: str, client_secret: str) -> str:
 
 
 # -- a whole-request deadline ------------------------------------------------------------------
-# requests' timeouts bound each connect and each read, so a server that drips bytes slowly can
-# hold a request for ever. The connections a request takes from its session's pool (opened for it
-# or kept alive from an earlier request) are recorded (per thread), and the client's watchdog
-# thread shuts their sockets down when the request's deadline passes.
+# The connect and read timeouts bound each connect and each read, so a server that drips bytes
+# slowly could hold a request for ever. The connections a request takes from its session's pool
+# (opened for it or kept alive from an earlier request) are recorded (per thread), and the
+# client's watchdog thread shuts their sockets down when the request's deadline passes.
 
 _tracking = threading.local()
 
@@ -285,6 +287,9 @@ def _record(conn: HTTPConnection) -> None:
 
 
 class _TrackedHTTPPool(HTTPConnectionPool):
+    """A pool that records every connection a request takes from it (new or kept alive) for
+    that request's deadline."""
+
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)
         _record(conn)  # type: ignore[arg-type]
@@ -292,17 +297,12 @@ class _TrackedHTTPPool(HTTPConnectionPool):
 
 
 class _TrackedHTTPSPool(HTTPSConnectionPool):
+    """``_TrackedHTTPPool`` for https."""
+
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)
         _record(conn)  # type: ignore[arg-type]
         return conn
-
-
-def _track(adapter: HTTPAdapter) -> HTTPAdapter:
-    """Make ``adapter``'s pools record every connection a request takes from them (new or
-    kept alive) for that request's deadline."""
-    adapter.poolmanager.pool_classes_by_scheme = {"http": _TrackedHTTPPool, "https": _TrackedHTTPSPool}
-    return adapter
 
 
 def _abort(conns: list[HTTPConnection]) -> None:
@@ -423,48 +423,55 @@ def _origin(url: str) -> str:
     return f"{p.scheme}://{(p.hostname or '').lower()}:{p.port or _default_port(p.scheme)}"
 
 
+def _target(url: str) -> str:
+    """The request target sent for ``url``: its path (``/`` if empty) and query, no fragment."""
+    p = urlsplit(url)
+    return (p.path or "/") + (f"?{p.query}" if p.query else "")
+
+
+def _failure(exc: BaseException) -> str:
+    """What kind of transport failure ``exc`` is: ``"timeout"``, ``"tls"``, ``"connect"`` (no
+    connection, or it broke before or while answering) or ``"other"``."""
+    if isinstance(exc, NewConnectionError):
+        return "connect"  # a refusal (urllib3 derives it from its connect timeout error)
+    if isinstance(exc, Urllib3Timeout | TimeoutError):
+        return "timeout"
+    if isinstance(exc, TLSError | ssl.SSLError | ssl.CertificateError):
+        return "tls"
+    if isinstance(exc, ProtocolError | ClosedPoolError | OSError):
+        return "connect"
+    return "other"
+
+
 def _transport_error(
-    exc: requests.exceptions.RequestException, where: str, deadline_passed: bool, reading: bool = False
+    exc: BaseException, where: str, deadline_passed: bool, reading: bool = False
 ) -> errors.AutoTekError:
-    """A typed error with our own text for a ``requests`` failure (whose text may hold URLs)."""
-    if deadline_passed or isinstance(exc, requests.exceptions.Timeout):
+    """A typed error with our own text for a transport failure (whose own text may hold URLs or data)."""
+    kind = _failure(exc)
+    if deadline_passed or kind == "timeout":
         return errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
     if reading:
         return errors.TokenEndpointUnavailable(f"reading the answer from {where} failed")
-    if isinstance(exc, requests.exceptions.SSLError):
+    if kind == "tls":
         return errors.TokenEndpointUnavailable(f"TLS verification with {where} failed")
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if kind == "connect":
         return errors.TokenEndpointUnavailable(f"could not connect to the token endpoint {where}")
     return errors.TokenEndpointUnavailable(f"the request to the token endpoint {where} failed")
-
-
-_NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
-
-
-class _PinnedCAAdapter(HTTPAdapter):
-    """An adapter that verifies servers against one CA bundle only (``spec.caBundle``)."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        super().__init__(pool_connections=1, pool_maxsize=1)
-
-    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        pool_kwargs["ssl_context"] = self._context
-        return host_params, pool_kwargs
 
 
 class TokenClient:
     """Performs token requests: allow-list, TLS, timeouts, body cap, global concurrency bound.
 
     Each request must finish within ``2 * timeout`` as a whole; one watchdog thread per client
-    enforces that. Each thread keeps its own ``requests`` sessions, one per (origin: scheme, host
-    and port; CA bundle), at most ``SESSIONS_PER_THREAD``, the least recently used dropped (and
-    its connection closed) first. A session holds at most one kept-alive connection, used only
-    for URLs of its own origin that passed the allow-list, verified against its own CA bundle:
-    a connection is never reused for another host, port, scheme or ``caBundle``. Redirects are
-    never followed. A connection is closed instead of kept when its request failed or ran out
-    of time; a kept connection the server closed meanwhile is replaced by a fresh one, once.
+    enforces that. Each thread keeps its own sessions (a connection pool of one connection), one
+    per (origin: scheme, host and port; CA bundle), at most ``SESSIONS_PER_THREAD``, the least
+    recently used dropped (and its connection closed) first. A session holds at most one
+    kept-alive connection, used only for URLs of its own origin that passed the allow-list,
+    verified against its own CA bundle (without one, certifi's): a connection is never reused
+    for another host, port, scheme or ``caBundle``. Nothing else outlives a request: no cookies
+    are kept, and no proxy or netrc settings are read from the environment. Redirects are never
+    followed. A connection is closed instead of kept when its request failed or ran out of time;
+    a kept connection the server closed meanwhile is replaced by a fresh one, once.
     """
 
     #: How many sessions (distinct origin and ``caBundle`` pairs) each thread keeps.
@@ -486,7 +493,7 @@ class TokenClient:
         self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._contexts_lock = threading.Lock()
-        self._local = threading.local()  # .sessions: CA bundle digest ("" for none) -> session
+        self._local = threading.local()  # .sessions: (origin, CA bundle digest or "") -> session
         self._watchdog = _Watchdog()
         # The watchdog's thread ends with the client (at exit, being a daemon, it just stops).
         weakref.finalize(self, self._watchdog.close).atexit = False
@@ -515,33 +522,38 @@ class TokenClient:
                 self._contexts[key] = ctx
             return ctx
 
-    def _session(self, origin: str, ca_bundle: str) -> requests.Session:
+    def _session(self, origin: str, ca_bundle: str) -> HTTPConnectionPool:
         """This thread's session for ``origin`` (scheme://host:port) and ``ca_bundle``, made on first use."""
         key = (origin, hashlib.sha256(ca_bundle.encode()).hexdigest() if ca_bundle else "")
-        sessions: dict[tuple[str, str], requests.Session] | None = getattr(self._local, "sessions", None)
+        sessions: dict[tuple[str, str], HTTPConnectionPool] | None = getattr(self._local, "sessions", None)
         if sessions is None:
             sessions = self._local.sessions = {}
         session = sessions.pop(key, None)
         if session is None:
-            session = self._new_session(ca_bundle)
+            session = self._new_session(origin, ca_bundle)
             while len(sessions) >= self.SESSIONS_PER_THREAD:
                 sessions.pop(next(iter(sessions))).close()
         sessions[key] = session  # (re)inserted last: the dict is in least recently used order
         return session
 
-    def _new_session(self, ca_bundle: str) -> requests.Session:
-        """A session that keeps no state between requests but its one kept-alive connection: no
-        cookies, no proxies. Every connection a request uses is recorded for its deadline
-        (``_track``), kept ones too."""
-        session = requests.Session()
-        session.trust_env = False  # no proxies or netrc credentials picked up from the environment
-        session.cookies.set_policy(_NO_COOKIES)  # nothing one answer sets is sent with the next
-        session.mount("http://", _track(HTTPAdapter(pool_connections=1, pool_maxsize=1)))
-        if ca_bundle:
-            session.mount("https://", _track(_PinnedCAAdapter(self._context_for(ca_bundle))))
-        else:
-            session.mount("https://", _track(HTTPAdapter(pool_connections=1, pool_maxsize=1)))
-        return session
+    def _new_session(self, origin: str, ca_bundle: str) -> HTTPConnectionPool:
+        """A pool of one connection to ``origin``, which keeps no state between requests but
+        that kept-alive connection: no cookies, no proxies, nothing from the environment. Every
+        connection a request uses is recorded for its deadline (tracked pools), kept ones too.
+        https is verified, with hostname checking, against ``ca_bundle`` only when it is given,
+        else against certifi's bundle."""
+        context = self._context_for(ca_bundle) if ca_bundle else None  # an unusable bundle fails alike
+        scheme, _, rest = origin.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme != "https":
+            return _TrackedHTTPPool(host, int(port), maxsize=1, block=False, retries=False)
+        if context is not None:
+            return _TrackedHTTPSPool(
+                host, int(port), maxsize=1, block=False, retries=False, cert_reqs="CERT_REQUIRED", ssl_context=context
+            )
+        return _TrackedHTTPSPool(
+            host, int(port), maxsize=1, block=False, retries=False, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where()
+        )
 
     def request(self, req: TokenRequest) -> Token:
         """Exchange the client credentials for a token, or raise a typed AutoTekError."""
@@ -550,10 +562,13 @@ class TokenClient:
         if req.scope:
             form.append(("scope", req.scope))
         form.extend(req.extra_params)
+        # With these, the connection adds Host, Content-Length and "Accept-Encoding: identity":
+        # answers are asked for, and read, as they are, never compressed.
         headers = {
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
             "User-Agent": "autotek-operator",
+            "Connection": "keep-alive",
         }
         if req.auth_method == AUTH_BASIC:
             headers["Authorization"] = basic_authorization(req.client_id, req.client_secret)
@@ -570,7 +585,7 @@ class TokenClient:
             started = time.monotonic()
             result = "error"
             try:
-                status, resp_headers, body = self._post(session, req.token_url, form, headers, where)
+                status, resp_headers, body = self._post(session, _target(req.token_url), form, headers, where)
                 token = parse_response(
                     status,
                     resp_headers,
@@ -597,12 +612,14 @@ class TokenClient:
 
     def _post(
         self,
-        session: requests.Session,
-        url: str,
+        session: HTTPConnectionPool,
+        target: str,
         form: list[tuple[str, str]],
         headers: dict[str, str],
         where: str,
     ) -> tuple[int, Mapping[str, str], bytes]:
+        body = urlencode(form).encode("ascii")
+        timeout = Timeout(connect=self.timeout, read=self.timeout)
         deadline = time.monotonic() + self.timeout * 2
         conns: list[HTTPConnection] = []
         watch = self._watchdog.watch(deadline, conns)
@@ -612,7 +629,7 @@ class TokenClient:
             for retry in (True, False):
                 _tracking.reused = False
                 try:
-                    result = self._exchange(session, url, form, headers, where, deadline, watch, retry)
+                    result = self._exchange(session, target, body, headers, timeout, where, deadline, watch, retry)
                 except _StaleConnection:
                     _close(conns)  # the server closed the kept connection: once more, on a new one
                     continue
@@ -628,35 +645,35 @@ class TokenClient:
 
     def _exchange(
         self,
-        session: requests.Session,
-        url: str,
-        form: list[tuple[str, str]],
+        session: HTTPConnectionPool,
+        target: str,
+        body: bytes,
         headers: dict[str, str],
+        timeout: Timeout,
         where: str,
         deadline: float,
         watch: _Watch,
         retry_stale: bool = False,
     ) -> tuple[int, Mapping[str, str], bytes]:
         try:
-            resp = session.post(
-                url,
-                data=form,
+            resp = session.urlopen(
+                "POST",
+                target,
+                body=body,
                 headers=headers,
-                timeout=(self.timeout, self.timeout),
-                allow_redirects=False,
-                stream=True,
-                verify=True,
+                retries=False,
+                redirect=False,
+                timeout=timeout,
+                preload_content=False,
+                decode_content=False,
+                release_conn=False,
             )
-        except requests.exceptions.RequestException as exc:
-            if (
-                retry_stale
-                and getattr(_tracking, "reused", False)
-                and not watch.fired
-                and isinstance(exc, requests.exceptions.ConnectionError)
-                and not isinstance(exc, requests.exceptions.Timeout | requests.exceptions.SSLError)
-            ):
+        except (HTTPError, OSError) as exc:
+            # The pool has closed the connection and taken its place back.
+            if retry_stale and getattr(_tracking, "reused", False) and not watch.fired and _failure(exc) == "connect":
                 raise _StaleConnection from None
             raise _transport_error(exc, where, watch.fired) from None
+        kept = False
         try:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isascii() and length.isdigit() and int(length) > self.max_body:
@@ -666,7 +683,7 @@ class TokenClient:
             chunks: list[bytes] = []
             size = 0
             try:
-                for chunk in resp.iter_content(chunk_size=65536):
+                for chunk in resp.stream(65536, decode_content=False):
                     size += len(chunk)
                     if size > self.max_body:
                         raise errors.InvalidTokenResponse(
@@ -675,13 +692,18 @@ class TokenClient:
                     if time.monotonic() > deadline:
                         raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
                     chunks.append(chunk)
-            except requests.exceptions.RequestException as exc:
+            except (HTTPError, OSError) as exc:
                 raise _transport_error(exc, where, watch.fired, reading=True) from None
             if watch.fired:
                 raise errors.TokenEndpointUnavailable(f"the token endpoint {where} timed out")
-            return resp.status_code, resp.headers, b"".join(chunks)
+            kept = True
+            return resp.status, resp.headers, b"".join(chunks)
         finally:
-            resp.close()
+            if not kept:
+                resp.close()  # closes the connection: never kept half read
+            # Back to its pool, once (a response read to its end may have put it back already):
+            # kept alive after a full answer, closed (to be opened afresh) after a failure.
+            resp.release_conn()
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gzip
 import json
 import socket
 import threading
@@ -157,6 +158,48 @@ def test_wire_format_post_has_no_authorization_header(make_client) -> None:
         ("client_id", "id é"),
         ("client_secret", "se+cret &x=1"),
     ]
+
+
+@pytest.mark.parametrize("auth_method", [AUTH_BASIC, AUTH_POST])
+def test_wire_format_headers_are_exactly_ours(make_client, auth_method) -> None:
+    # Nothing else goes out: no cookie, no proxy or netrc credentials, and the answer is asked
+    # for without compression (it is never decompressed).
+    with _capture_server() as server:
+        client = make_client(server.url)
+        client.request(TokenRequest(server.url + "/t?x=1#frag", CLIENT_ID, CLIENT_SECRET, auth_method=auth_method))
+    (req,) = server.requests
+    assert req.path == "/t?x=1"  # the fragment stays here
+    expected = {
+        "host": f"127.0.0.1:{server.port}",
+        "accept": "application/json",
+        "accept-encoding": "identity",
+        "connection": "keep-alive",
+        "content-type": "application/x-www-form-urlencoded",
+        "content-length": str(len(req.body)),
+        "user-agent": "autotek-operator",
+    }
+    if auth_method == AUTH_BASIC:
+        expected["authorization"] = basic_authorization(CLIENT_ID, CLIENT_SECRET)
+        assert req.body == b"grant_type=client_credentials"
+    else:
+        assert req.body == b"grant_type=client_credentials&client_id=client-1&client_secret=s3cr3t-Zq9xKw7Lp"
+    assert req.headers == expected
+
+
+def test_a_compressed_answer_is_not_decompressed(make_client) -> None:
+    # Asked for no compression, a server that compresses anyway gets its bytes read as they came.
+    body = gzip.compress(json.dumps({"access_token": "at-zipped", "expires_in": 60}).encode())
+
+    def respond(conn: socket.socket, req: RawRequest, stopping: threading.Event) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    with RawServer(respond) as server:
+        with pytest.raises(errors.InvalidTokenResponse, match="not JSON") as info:
+            make_client(server.url).request(TokenRequest(server.url + "/t", CLIENT_ID, CLIENT_SECRET))
+    assert_no_leak(info.value, CLIENT_SECRET, "at-zipped")
 
 
 @pytest.mark.parametrize("auth_method", [AUTH_BASIC, AUTH_POST])

@@ -4,13 +4,14 @@ next request to its own origin with its own CA bundle, and no other state outliv
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
+from urllib3.connectionpool import HTTPConnectionPool
 
 from autotek_operator import errors
 from autotek_operator.dev.broker import BrokerServer
@@ -26,12 +27,12 @@ def tls_broker(pki: PKI) -> Iterator[BrokerServer]:
         yield b
 
 
-def _spy_sessions(client: TokenClient) -> list[tuple[int, str, requests.Session]]:
+def _spy_sessions(client: TokenClient) -> list[tuple[int, str, HTTPConnectionPool]]:
     """Record (thread, CA bundle, session) for every request the client makes from now on."""
-    seen: list[tuple[int, str, requests.Session]] = []
+    seen: list[tuple[int, str, HTTPConnectionPool]] = []
     real = client._session
 
-    def spy(origin: str, ca_bundle: str) -> requests.Session:
+    def spy(origin: str, ca_bundle: str) -> HTTPConnectionPool:
         session = real(origin, ca_bundle)
         seen.append((threading.get_ident(), ca_bundle, session))
         return session
@@ -72,7 +73,7 @@ def test_sessions_are_reused_per_thread_and_ca_bundle(
     assert s[0] is not s[2]  # another bundle, another session
     assert s[5] is s[6]
     assert s[5] not in (s[0], s[2])  # no bundle is a bundle of its own
-    assert all(session.trust_env is False for session in s)
+    assert all(session.proxy is None for session in s)  # straight to the endpoint, never through a proxy
 
     _in_thread(lambda: tls(one))
     assert seen[-1][0] != seen[0][0]
@@ -283,4 +284,85 @@ def test_cookies_are_not_carried_between_requests(make_client) -> None:
             client.request(req)
     assert len(server.requests) == 3
     assert [r.headers.get("cookie") for r in server.requests] == [None] * 3
-    assert all(len(s.cookies) == 0 for s in client._local.sessions.values())
+
+
+def test_proxies_and_netrc_in_the_environment_are_ignored(
+    pki: PKI, make_client, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    with (
+        RawServer(lambda conn, req, stopping: None) as proxy,
+        _KeepAliveServer() as server,
+        KeepAliveServer(tls=(pki.server_cert, pki.server_key)) as tls_server,
+    ):
+        for name in ("http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+            monkeypatch.setenv(name.upper(), proxy.url)
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login netrc-user password netrc-password\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        monkeypatch.setenv("HOME", str(tmp_path))
+        (tmp_path / ".netrc").write_text(netrc.read_text())
+        (tmp_path / ".netrc").chmod(0o600)
+        client = make_client(server.url, tls_server.url)
+        client.request(TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET, auth_method="client_secret_post"))
+        client.request(TokenRequest(tls_server.url + "/token", CLIENT_ID, CLIENT_SECRET, ca_bundle=pki.ca.pem))
+    assert proxy.connections == 0
+    assert len(tls_server.served) == 1
+    (req,) = server.requests
+    assert "authorization" not in req.headers
+    assert "proxy-authorization" not in req.headers
+
+
+def test_each_connection_goes_back_to_its_pool_exactly_once(make_client, caplog: pytest.LogCaptureFixture) -> None:
+    # After every request, whatever its outcome, the session's pool holds exactly one entry: the
+    # kept connection, or a closed one (or none) in its place; never two ("pool is full").
+    good = json.dumps({"access_token": "at-raw", "expires_in": 60}).encode()
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (10 * 1024 * 1024),  # refused unread
+        b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",  # not followed
+        b"HTTP/1.1 204 No Content\r\n\r\n",  # no body to read
+        b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"access_token"',  # cut short
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",  # never ends: timed out
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(good), good),
+    ]
+
+    def respond(conn: socket.socket, req: RawRequest, stopping: threading.Event) -> None:
+        n = len(server.requests)
+        conn.sendall(answers[n - 1])
+        if n == 5:
+            stopping.wait(1)  # the chunked answer that never ends
+
+    caplog.set_level("DEBUG", logger="urllib3")
+    with RawServer(respond) as server:
+        client = make_client(server.url, timeout=0.3)
+        req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
+        for _ in range(5):
+            with pytest.raises(errors.AutoTekError):
+                client.request(req)
+            (pool,) = client._local.sessions.values()
+            assert pool.pool.qsize() == 1
+        assert client.request(req).access_token == "at-raw"
+        assert pool.pool.qsize() == 1
+        assert len(server.requests) == 6
+
+    # Kept, hung up on (then answered on a new connection), dripped past the deadline, new again.
+    fates = {(1, 2): "hang up", (2, 2): "drip"}
+    with KeepAliveServer(behave=lambda conn_no, req_no: fates.get((conn_no, req_no), "answer")) as server:
+        client = make_client(server.url, timeout=0.3)
+        req = TokenRequest(server.url + "/token", CLIENT_ID, CLIENT_SECRET)
+        results = []
+        for _ in range(4):
+            try:
+                results.append(client.request(req).access_token)
+            except errors.TokenEndpointUnavailable as exc:
+                results.append(str(exc))
+            (pool,) = client._local.sessions.values()
+            assert pool.pool.qsize() == 1
+    assert results[:2] == ["at-1-1", "at-2-1"]
+    assert "timed out" in results[2]
+    assert results[3] == "at-3-1"
+    assert not [r for r in caplog.records if r.name.startswith("urllib3") and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import certifi
 import pytest
 
 from autotek_operator import errors
@@ -96,3 +97,53 @@ def test_invalid_pem_is_invalid_spec(tls_broker: BrokerServer, make_client, bund
 def test_ca_bundle_does_not_apply_to_plain_http(broker: BrokerServer, pki: PKI, make_client) -> None:
     # Plain http on loopback (explicitly allowed) ignores caBundle rather than failing.
     assert make_client(broker.url).request(_req(broker, pki.ca.pem)).access_token
+
+
+# -- what is trusted: certifi's bundle without caBundle, only caBundle with one ------------------
+
+
+def test_without_ca_bundle_certifi_s_bundle_is_trusted(pki: PKI, make_client) -> None:
+    client = make_client("https://token.example.com")
+    pool = client._session("https://token.example.com:443", "")
+    assert pool.ca_certs == certifi.where()
+    assert pool.cert_reqs == "CERT_REQUIRED"
+    assert pool.assert_hostname is None  # the hostname is checked
+    assert pool.conn_kw.get("ssl_context") is None  # a context made for each connection from that bundle
+    pinned = client._session("https://token.example.com:443", pki.ca.pem)
+    assert pinned is not pool
+    assert pinned.ca_certs is None
+    assert pinned.conn_kw["ssl_context"] is client._context_for(pki.ca.pem)
+
+
+def test_certifi_s_bundle_is_what_verifies_without_ca_bundle(
+    tls_broker: BrokerServer, pki: PKI, make_client, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    # Were certifi's bundle our test CA, the server would be trusted without caBundle...
+    monkeypatch.setattr(certifi, "where", lambda: str(pki.files["ca"]))
+    assert make_client(tls_broker.url).request(_req(tls_broker)).access_token
+    # ...and its name still checked.
+    cert_pem, key_pem = make_server_cert(pki.ca, ips=["127.0.0.2"])
+    (tmp_path / "c.pem").write_bytes(cert_pem)
+    (tmp_path / "k.pem").write_bytes(key_pem)
+    with BrokerServer(
+        {CLIENT_ID: CLIENT_SECRET}, tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "k.pem")
+    ) as other:
+        with pytest.raises(errors.TokenEndpointUnavailable, match="TLS"):
+            make_client(other.url).request(_req(other))
+        assert other.stats()["count"] == 0
+
+
+def test_a_ca_bundle_is_the_only_trust(
+    tls_broker: BrokerServer, pki: PKI, make_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Even were the server's CA in certifi's bundle, a caBundle without it is refused.
+    monkeypatch.setattr(certifi, "where", lambda: str(pki.files["ca"]))
+    client = make_client(tls_broker.url)
+    assert client.request(_req(tls_broker)).access_token
+    with pytest.raises(errors.TokenEndpointUnavailable, match="TLS"):
+        client.request(_req(tls_broker, pki.other_ca.pem))
+    assert client.request(_req(tls_broker, pki.ca.pem)).access_token
+    # Nothing was added to the bundle's context along the way.
+    assert client._context_for(pki.other_ca.pem).cert_store_stats()["x509_ca"] == 1
+    assert client._context_for(pki.ca.pem).cert_store_stats()["x509_ca"] == 1
+    assert tls_broker.stats()["count"] == 2
