@@ -182,7 +182,7 @@ class Transport:
         if not 200 <= resp.status <= 299:
             exc = ApiException(status=resp.status, reason=resp.reason)
             exc.headers = resp.headers  # Retry-After; the body (which could echo data) is not kept
-            exc.namespace_gone = _namespace_gone(resp.status, resp.data)
+            exc.namespace_gone = _namespace_gone(resp.status, resp.data)  # type: ignore[attr-defined]
             raise exc
         return _json(resp.data)
 
@@ -199,10 +199,12 @@ def _namespace_gone(status: int, data: bytes) -> bool:
         return False
     if not isinstance(doc, dict) or doc.get("kind") != "Status":
         return False
-    details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+    details = doc.get("details")
+    details = details if isinstance(details, dict) else {}
     if status == 404:
         return doc.get("reason") == "NotFound" and details.get("kind") == "namespaces"
-    causes = details.get("causes") if isinstance(details.get("causes"), list) else []
+    causes = details.get("causes")
+    causes = causes if isinstance(causes, list) else []
     return any(isinstance(x, dict) and x.get("type") == "NamespaceTerminating" for x in causes)
 
 
