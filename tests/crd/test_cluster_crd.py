@@ -184,9 +184,7 @@ NAMESPACED_ONLY = ("rolloutRestartTargets",)
 CLUSTER_ONLY_RULES = (REQUIRED_MESSAGE,)
 #: Descriptions that name the kind, the namespace or the selection, and so differ on purpose
 #: (paths below spec; "" is spec itself). Everything else, descriptions included, is identical.
-OWN_DESCRIPTIONS = frozenset(
-    {"", "clientSecretRef", "clientSecretRef.name", "target.name", "target.deletionPolicy"}
-)
+OWN_DESCRIPTIONS = frozenset({"", "clientSecretRef", "clientSecretRef.name", "target.name", "target.deletionPolicy"})
 
 
 def _drop(spec: dict[str, Any], dotted: str) -> None:
@@ -215,8 +213,10 @@ def shared_spec(spec: dict[str, Any], *, drop: tuple[str, ...], drop_rules: tupl
 def shared_parts(namespaced: dict[str, Any], cluster: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     ns_spec = crdcheck.schema_at(namespaced, "spec")
     cl_spec = crdcheck.schema_at(cluster, "spec")
-    return (shared_spec(ns_spec, drop=NAMESPACED_ONLY),
-            shared_spec(cl_spec, drop=CLUSTER_ONLY, drop_rules=CLUSTER_ONLY_RULES))
+    return (
+        shared_spec(ns_spec, drop=NAMESPACED_ONLY),
+        shared_spec(cl_spec, drop=CLUSTER_ONLY, drop_rules=CLUSTER_ONLY_RULES),
+    )
 
 
 def schema_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -246,7 +246,14 @@ def test_shared_spec_schemas_are_identical(schema, cluster_schema):
     assert ns_part == cl_part
     # The comparison covers the whole shared spec, not a sliver of it.
     assert set(cl_part["properties"]) == {
-        "clientSecretRef", "tokenURL", "clientAuthMethod", "scope", "extraParams", "caBundle", "target", "refresh",
+        "clientSecretRef",
+        "tokenURL",
+        "clientAuthMethod",
+        "scope",
+        "extraParams",
+        "caBundle",
+        "target",
+        "refresh",
     }
     assert len(dict(crdcheck.iter_schema(cl_part))) >= 25
 
@@ -318,66 +325,139 @@ def test_not_carried_over_names_only_known_cases():
 
 
 OWN = [
-    Case("no selection", {"clientSecretRef": {"namespace": "autotek-system", "name": "autotek-client"}},
-         (("spec", "rule", REQUIRED_MESSAGE),)),
-    Case("empty namespaces list and no selector", minimal(namespaces=[]), (("spec", "rule", REQUIRED_MESSAGE),),
-         operator="an empty list selects nothing: the operator reports NoNamespacesSelected"),
-    Case("missing clientSecretRef.namespace",
-         {"clientSecretRef": {"name": "autotek-client"}, "namespaces": ["shop"]},
-         (("spec.clientSecretRef", "required", "'namespace'"),)),
-    Case("clientSecretRef.namespace not a DNS label", minimal(clientSecretRef={"namespace": "Autotek_System",
-                                                                              "name": "autotek-client"}),
-         (("spec.clientSecretRef.namespace", "pattern", ""),)),
-    Case("clientSecretRef.namespace too long", minimal(clientSecretRef={"namespace": "a" * 64,
-                                                                        "name": "autotek-client"}),
-         (("spec.clientSecretRef.namespace", "maxLength", ""),)),
+    Case(
+        "no selection",
+        {"clientSecretRef": {"namespace": "autotek-system", "name": "autotek-client"}},
+        (("spec", "rule", REQUIRED_MESSAGE),),
+    ),
+    Case(
+        "empty namespaces list and no selector",
+        minimal(namespaces=[]),
+        (("spec", "rule", REQUIRED_MESSAGE),),
+        operator="an empty list selects nothing: the operator reports NoNamespacesSelected",
+    ),
+    Case(
+        "missing clientSecretRef.namespace",
+        {"clientSecretRef": {"name": "autotek-client"}, "namespaces": ["shop"]},
+        (("spec.clientSecretRef", "required", "'namespace'"),),
+    ),
+    Case(
+        "clientSecretRef.namespace not a DNS label",
+        minimal(clientSecretRef={"namespace": "Autotek_System", "name": "autotek-client"}),
+        (("spec.clientSecretRef.namespace", "pattern", ""),),
+    ),
+    Case(
+        "clientSecretRef.namespace too long",
+        minimal(clientSecretRef={"namespace": "a" * 64, "name": "autotek-client"}),
+        (("spec.clientSecretRef.namespace", "maxLength", ""),),
+    ),
     Case("namespace name with a dot", minimal(namespaces=["shop.eu"]), (("spec.namespaces[0]", "pattern", ""),)),
     Case("namespace name upper case", minimal(namespaces=["shop", "Shop"]), (("spec.namespaces[1]", "pattern", ""),)),
     Case("namespace name too long", minimal(namespaces=["a" * 64]), (("spec.namespaces[0]", "maxLength", ""),)),
-    Case("namespace listed twice", minimal(namespaces=["shop", "shop"]), (("spec.namespaces[1]", "duplicate", ""),),
-         operator="schema-only"),
+    Case(
+        "namespace listed twice",
+        minimal(namespaces=["shop", "shop"]),
+        (("spec.namespaces[1]", "duplicate", ""),),
+        operator="schema-only",
+    ),
     Case("namespaces not a list", minimal(namespaces="shop"), (("spec.namespaces", "type", "array"),)),
-    Case("too many namespaces", minimal(namespaces=[f"ns-{i}" for i in range(1001)]),
-         (("spec.namespaces", "maxItems", ""),)),
-    Case("In without values", selector(matchExpressions=[{"key": "env", "operator": "In"}]),
-         (("spec.namespaceSelector.matchExpressions[0]", "rule", "must not be empty when the operator is In"),)),
-    Case("NotIn with empty values", selector(matchExpressions=[{"key": "env", "operator": "NotIn", "values": []}]),
-         (("spec.namespaceSelector.matchExpressions[0]", "rule", "must not be empty when the operator is In"),)),
-    Case("Exists with values", selector(matchExpressions=[{"key": "env", "operator": "Exists", "values": ["x"]}]),
-         (("spec.namespaceSelector.matchExpressions[0]", "rule", "must be empty when the operator is Exists"),)),
-    Case("DoesNotExist with values",
-         selector(matchExpressions=[{"key": "env", "operator": "DoesNotExist", "values": ["x"]}]),
-         (("spec.namespaceSelector.matchExpressions[0]", "rule", "must be empty when the operator is Exists"),)),
-    Case("unknown selector operator", selector(matchExpressions=[{"key": "env", "operator": "Gt", "values": ["1"]}]),
-         (("spec.namespaceSelector.matchExpressions[0].operator", "enum", ""),)),
-    Case("expression without operator", selector(matchExpressions=[{"key": "env"}]),
-         (("spec.namespaceSelector.matchExpressions[0]", "required", "'operator'"),)),
-    Case("expression without key", selector(matchExpressions=[{"operator": "Exists"}]),
-         (("spec.namespaceSelector.matchExpressions[0]", "required", "'key'"),)),
-    Case("expression key invalid", selector(matchExpressions=[{"key": "bad key", "operator": "Exists"}]),
-         (("spec.namespaceSelector.matchExpressions[0].key", "pattern", ""),)),
-    Case("expression value invalid", selector(matchExpressions=[{"key": "env", "operator": "In",
-                                                                 "values": ["not ok"]}]),
-         (("spec.namespaceSelector.matchExpressions[0].values[0]", "pattern", ""),)),
-    Case("matchLabels key invalid", selector(matchLabels={"bad key!": "x"}),
-         (("spec.namespaceSelector.matchLabels", "rule", "valid label keys"),)),
-    Case("matchLabels key name part too long", selector(matchLabels={"autotek.io/" + "a" * 64: "x"}),
-         (("spec.namespaceSelector.matchLabels", "rule", "valid label keys"),)),
-    Case("matchLabels value invalid", selector(matchLabels={"env": "-prod"}),
-         (("spec.namespaceSelector.matchLabels.env", "pattern", ""),)),
-    Case("matchLabels value too long", selector(matchLabels={"env": "a" * 64}),
-         (("spec.namespaceSelector.matchLabels.env", "maxLength", ""),)),
-    Case("matchLabels value not a string", selector(matchLabels={"env": 1}),
-         (("spec.namespaceSelector.matchLabels.env", "type", ""),)),
-    Case("selector unknown field", selector(namespaces=["shop"]),
-         (("spec.namespaceSelector.namespaces", "unknown", "unknown field"),)),
-    Case("rolloutRestartTargets", minimal(rolloutRestartTargets=[{"kind": "Deployment", "name": "web"}]),
-         (("spec.rolloutRestartTargets", "unknown", "unknown field"),)),
-    Case("too many matchExpressions",
-         selector(matchExpressions=[{"key": f"k{i}", "operator": "Exists"} for i in range(33)]),
-         (("spec.namespaceSelector.matchExpressions", "maxItems", ""),), operator="schema-only"),
-    Case("too many matchLabels", selector(matchLabels={f"k{i}": "v" for i in range(33)}),
-         (("spec.namespaceSelector.matchLabels", "maxProperties", ""),), operator="schema-only"),
+    Case(
+        "too many namespaces",
+        minimal(namespaces=[f"ns-{i}" for i in range(1001)]),
+        (("spec.namespaces", "maxItems", ""),),
+    ),
+    Case(
+        "In without values",
+        selector(matchExpressions=[{"key": "env", "operator": "In"}]),
+        (("spec.namespaceSelector.matchExpressions[0]", "rule", "must not be empty when the operator is In"),),
+    ),
+    Case(
+        "NotIn with empty values",
+        selector(matchExpressions=[{"key": "env", "operator": "NotIn", "values": []}]),
+        (("spec.namespaceSelector.matchExpressions[0]", "rule", "must not be empty when the operator is In"),),
+    ),
+    Case(
+        "Exists with values",
+        selector(matchExpressions=[{"key": "env", "operator": "Exists", "values": ["x"]}]),
+        (("spec.namespaceSelector.matchExpressions[0]", "rule", "must be empty when the operator is Exists"),),
+    ),
+    Case(
+        "DoesNotExist with values",
+        selector(matchExpressions=[{"key": "env", "operator": "DoesNotExist", "values": ["x"]}]),
+        (("spec.namespaceSelector.matchExpressions[0]", "rule", "must be empty when the operator is Exists"),),
+    ),
+    Case(
+        "unknown selector operator",
+        selector(matchExpressions=[{"key": "env", "operator": "Gt", "values": ["1"]}]),
+        (("spec.namespaceSelector.matchExpressions[0].operator", "enum", ""),),
+    ),
+    Case(
+        "expression without operator",
+        selector(matchExpressions=[{"key": "env"}]),
+        (("spec.namespaceSelector.matchExpressions[0]", "required", "'operator'"),),
+    ),
+    Case(
+        "expression without key",
+        selector(matchExpressions=[{"operator": "Exists"}]),
+        (("spec.namespaceSelector.matchExpressions[0]", "required", "'key'"),),
+    ),
+    Case(
+        "expression key invalid",
+        selector(matchExpressions=[{"key": "bad key", "operator": "Exists"}]),
+        (("spec.namespaceSelector.matchExpressions[0].key", "pattern", ""),),
+    ),
+    Case(
+        "expression value invalid",
+        selector(matchExpressions=[{"key": "env", "operator": "In", "values": ["not ok"]}]),
+        (("spec.namespaceSelector.matchExpressions[0].values[0]", "pattern", ""),),
+    ),
+    Case(
+        "matchLabels key invalid",
+        selector(matchLabels={"bad key!": "x"}),
+        (("spec.namespaceSelector.matchLabels", "rule", "valid label keys"),),
+    ),
+    Case(
+        "matchLabels key name part too long",
+        selector(matchLabels={"autotek.io/" + "a" * 64: "x"}),
+        (("spec.namespaceSelector.matchLabels", "rule", "valid label keys"),),
+    ),
+    Case(
+        "matchLabels value invalid",
+        selector(matchLabels={"env": "-prod"}),
+        (("spec.namespaceSelector.matchLabels.env", "pattern", ""),),
+    ),
+    Case(
+        "matchLabels value too long",
+        selector(matchLabels={"env": "a" * 64}),
+        (("spec.namespaceSelector.matchLabels.env", "maxLength", ""),),
+    ),
+    Case(
+        "matchLabels value not a string",
+        selector(matchLabels={"env": 1}),
+        (("spec.namespaceSelector.matchLabels.env", "type", ""),),
+    ),
+    Case(
+        "selector unknown field",
+        selector(namespaces=["shop"]),
+        (("spec.namespaceSelector.namespaces", "unknown", "unknown field"),),
+    ),
+    Case(
+        "rolloutRestartTargets",
+        minimal(rolloutRestartTargets=[{"kind": "Deployment", "name": "web"}]),
+        (("spec.rolloutRestartTargets", "unknown", "unknown field"),),
+    ),
+    Case(
+        "too many matchExpressions",
+        selector(matchExpressions=[{"key": f"k{i}", "operator": "Exists"} for i in range(33)]),
+        (("spec.namespaceSelector.matchExpressions", "maxItems", ""),),
+        operator="schema-only",
+    ),
+    Case(
+        "too many matchLabels",
+        selector(matchLabels={f"k{i}": "v" for i in range(33)}),
+        (("spec.namespaceSelector.matchLabels", "maxProperties", ""),),
+        operator="schema-only",
+    ),
 ]
 
 INVALID = CARRIED + OWN
@@ -413,26 +493,46 @@ OWN_VALID = [
     ("selector only", selector(matchLabels={"autotek.io/token": "true"})),
     ("selector and namespaces", minimal(namespaceSelector={"matchLabels": {"team": "shop"}})),
     ("empty selector selects every namespace", selector()),
-    ("every operator", selector(matchExpressions=[
-        {"key": "env", "operator": "In", "values": ["prod", "staging"]},
-        {"key": "example.com/tier", "operator": "NotIn", "values": ["batch"]},
-        {"key": "autotek.io/token", "operator": "Exists"},
-        {"key": "legacy", "operator": "DoesNotExist", "values": []},
-    ])),
+    (
+        "every operator",
+        selector(
+            matchExpressions=[
+                {"key": "env", "operator": "In", "values": ["prod", "staging"]},
+                {"key": "example.com/tier", "operator": "NotIn", "values": ["batch"]},
+                {"key": "autotek.io/token", "operator": "Exists"},
+                {"key": "legacy", "operator": "DoesNotExist", "values": []},
+            ]
+        ),
+    ),
     ("label key with prefix and empty value", selector(matchLabels={"a.b-c.example.com/Name_1.x": ""})),
     ("label key name of 63 characters", selector(matchLabels={"k" * 63: "v" * 63})),
     ("thousand namespaces", minimal(namespaces=[f"ns-{i}" for i in range(1000)])),
-    ("thirty-two expressions", selector(matchExpressions=[{"key": f"k{i}", "operator": "Exists"}
-                                                          for i in range(32)])),
-    ("client Secret in another allowed namespace", minimal(clientSecretRef={"namespace": "platform-secrets",
-                                                                            "name": "autotek-client",
-                                                                            "clientIdKey": "id"})),
-    ("full spec", minimal(tokenURL="https://auth.example.com/oauth2/token", clientAuthMethod="ClientSecretPost",
-                          scope="read", extraParams={"audience": "x"}, caBundle=test_crd.PEM,
-                          target={"name": "autotek-token", "creationPolicy": "Merge", "deletionPolicy": "Retain",
-                                  "template": {"labels": {"a": "b"}, "annotations": {"c": "d"},
-                                               "data": {".env": "TOKEN={{ .access_token }}"}}},
-                          refresh={"renewBefore": "10m", "defaultLifetime": "1h"})),
+    ("thirty-two expressions", selector(matchExpressions=[{"key": f"k{i}", "operator": "Exists"} for i in range(32)])),
+    (
+        "client Secret in another allowed namespace",
+        minimal(clientSecretRef={"namespace": "platform-secrets", "name": "autotek-client", "clientIdKey": "id"}),
+    ),
+    (
+        "full spec",
+        minimal(
+            tokenURL="https://auth.example.com/oauth2/token",
+            clientAuthMethod="ClientSecretPost",
+            scope="read",
+            extraParams={"audience": "x"},
+            caBundle=test_crd.PEM,
+            target={
+                "name": "autotek-token",
+                "creationPolicy": "Merge",
+                "deletionPolicy": "Retain",
+                "template": {
+                    "labels": {"a": "b"},
+                    "annotations": {"c": "d"},
+                    "data": {".env": "TOKEN={{ .access_token }}"},
+                },
+            },
+            refresh={"renewBefore": "10m", "defaultLifetime": "1h"},
+        ),
+    ),
 ]
 
 CARRIED_VALID = [
@@ -460,8 +560,11 @@ def test_valid_table_carries_the_namespaced_variants():
 def test_minimal_spec_gets_the_namespaced_defaults(cluster_schema, schema):
     stored = admit(resource(minimal()), cluster_schema).stored["spec"]
     namespaced = admit(test_crd.resource(test_crd.minimal()), schema).stored["spec"]
-    assert stored == {**namespaced, "namespaces": ["shop"],
-                      "clientSecretRef": {**namespaced["clientSecretRef"], "namespace": "autotek-system"}}
+    assert stored == {
+        **namespaced,
+        "namespaces": ["shop"],
+        "clientSecretRef": {**namespaced["clientSecretRef"], "namespace": "autotek-system"},
+    }
 
 
 def test_unknown_fields_are_pruned(cluster_schema):
@@ -476,7 +579,10 @@ def test_unknown_fields_are_pruned(cluster_schema):
     assert result.stored["spec"]["namespaceSelector"] == {"matchLabels": {"a": "b"}}
     strict = admit(resource(spec), cluster_schema)
     assert {p.path for p in strict.problems if p.kind == "unknown"} == {
-        "spec.rolloutRestartTargets", "spec.junk", "spec.clientSecretRef.extra", "spec.namespaceSelector.namespaces",
+        "spec.rolloutRestartTargets",
+        "spec.junk",
+        "spec.clientSecretRef.extra",
+        "spec.namespaceSelector.namespaces",
     }
 
 
@@ -515,8 +621,13 @@ def test_status_fields(cluster_schema, schema):
 
 def test_status_conditions_name_the_cluster_reasons(cluster_schema):
     text = re.sub(r"\s+", " ", crdcheck.schema_at(cluster_schema, "status.conditions")["description"])
-    for reason in (c.REASON_CLIENT_SECRET_NAMESPACE_NOT_ALLOWED, c.REASON_NAMESPACES_NOT_PROVISIONED,
-                   c.REASON_NO_NAMESPACES_SELECTED, c.REASON_INVALID_SPEC, c.REASON_EXPIRED):
+    for reason in (
+        c.REASON_CLIENT_SECRET_NAMESPACE_NOT_ALLOWED,
+        c.REASON_NAMESPACES_NOT_PROVISIONED,
+        c.REASON_NO_NAMESPACES_SELECTED,
+        c.REASON_INVALID_SPEC,
+        c.REASON_EXPIRED,
+    ):
         assert reason in text
 
 
@@ -528,8 +639,11 @@ def test_status_example_is_admitted(cluster_schema):
 @pytest.mark.parametrize(
     ("change", "path", "kind"),
     [
-        ({"failedNamespaces": [{"namespace": f"n{i}", "reason": "TargetConflict"} for i in range(21)]},
-         "status.failedNamespaces", "maxItems"),
+        (
+            {"failedNamespaces": [{"namespace": f"n{i}", "reason": "TargetConflict"} for i in range(21)]},
+            "status.failedNamespaces",
+            "maxItems",
+        ),
         ({"failedNamespaces": [{"namespace": "shop"}]}, "status.failedNamespaces[0]", "required"),
         ({"namespaces": {"selected": -1}}, "status.namespaces.selected", "minimum"),
         ({"namespaces": {"failed": "2"}}, "status.namespaces.failed", "type"),
@@ -557,8 +671,9 @@ def test_example_is_admitted_and_parsed(cluster_schema, filename, doc):
     assert doc["apiVersion"] == c.API_VERSION
     assert "namespace" not in doc["metadata"]
     name = doc["metadata"]["name"]
-    assert parse_spec(doc["spec"], name=name, cluster=True) == parse_spec(result.stored["spec"], name=name,
-                                                                           cluster=True)
+    assert parse_spec(doc["spec"], name=name, cluster=True) == parse_spec(
+        result.stored["spec"], name=name, cluster=True
+    )
 
 
 def test_example_client_secret_is_in_the_default_allowed_namespace():
@@ -572,8 +687,11 @@ def test_example_client_secret_is_in_the_default_allowed_namespace():
 
 
 def test_consumer_example_is_selected_and_mounts_the_target():
-    (credential,) = [d for d in crdcheck.load_documents(crdcheck.EXAMPLES_DIR / "cluster-credential.yaml")
-                     if d["kind"] == c.CLUSTER_KIND]
+    (credential,) = [
+        d
+        for d in crdcheck.load_documents(crdcheck.EXAMPLES_DIR / "cluster-credential.yaml")
+        if d["kind"] == c.CLUSTER_KIND
+    ]
     docs = crdcheck.load_documents(crdcheck.EXAMPLES_DIR / "cluster-credential-consumer.yaml")
     (namespace,) = [d for d in docs if d["kind"] == "Namespace"]
     (pod,) = [d for d in docs if d["kind"] == "Pod"]

@@ -43,8 +43,11 @@ def test_example_roles_are_not_aggregated_into_namespaced_roles() -> None:
     assert set(roles) == {"autotek-cluster-credentials-admin", "autotek-cluster-credentials-view"}
     for name, role in roles.items():
         labels = role["metadata"].get("labels") or {}
-        aggregated = {key.removeprefix(AGGREGATE) for key, value in labels.items()
-                      if key.startswith(AGGREGATE) and value == "true"}
+        aggregated = {
+            key.removeprefix(AGGREGATE)
+            for key, value in labels.items()
+            if key.startswith(AGGREGATE) and value == "true"
+        }
         assert not aggregated & {"edit", "admin"}, f"{name} would give namespace owners the cluster kind"
         for rule in role["rules"]:
             assert rule["apiGroups"] == [c.GROUP] and rule["resources"] == [c.CLUSTER_PLURAL], name
@@ -68,7 +71,8 @@ class Plane:
 
     def user(self, name: str) -> Any:
         return kubernetes.client.CustomObjectsApi(
-            kubernetes.config.new_client_from_config(config_file=str(self.plane.add_user(name))))
+            kubernetes.config.new_client_from_config(config_file=str(self.plane.add_user(name)))
+        )
 
     def cluster_role(self, doc: dict[str, Any], suffix: str) -> str:
         body = json.loads(json.dumps(doc))
@@ -79,9 +83,11 @@ class Plane:
 
     def bind(self, role: str, user: str, namespace: str | None = None) -> None:
         name = f"{role}-{user}"
-        body = {"metadata": {"name": name}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
-                                                        "kind": "ClusterRole", "name": role},
-                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+        body = {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        }
         if namespace is None:
             self.rbac.create_cluster_role_binding(body)
             self.made.append(("ClusterRoleBinding", name, None))
@@ -114,8 +120,9 @@ def plane() -> Iterator[Plane]:
 def _create(api: Any, name: str) -> int:
     """HTTP status of a dry-run create of a ClusterAutoTekCredential as ``api``'s user (201: allowed)."""
     try:
-        api.create_cluster_custom_object(c.GROUP, c.VERSION, c.CLUSTER_PLURAL, resource(minimal(), name=name),
-                                         dry_run="All")
+        api.create_cluster_custom_object(
+            c.GROUP, c.VERSION, c.CLUSTER_PLURAL, resource(minimal(), name=name), dry_run="All"
+        )
     except ApiException as exc:
         return int(exc.status)
     return 201
@@ -135,8 +142,9 @@ def test_namespaced_rbac_cannot_create_the_cluster_kind(plane: Plane) -> None:
         assert _create(api, f"tenant-{uid}") == 403
         # The same ClusterRole bound cluster-wide: allowed.
         plane.bind(admin_role, user)
-        assert controlplane.wait_for("the ClusterRoleBinding to apply",
-                                     lambda: _create(api, f"tenant-{uid}") == 201, timeout=10)
+        assert controlplane.wait_for(
+            "the ClusterRoleBinding to apply", lambda: _create(api, f"tenant-{uid}") == 201, timeout=10
+        )
     finally:
         plane.core.delete_namespace(ns)
 

@@ -47,8 +47,8 @@ class Server:
     def create(self, doc: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
         """Create ``doc`` (dry run; strict field validation unless told otherwise); the stored object."""
         result: dict[str, Any] = self.custom.create_cluster_custom_object(
-            GROUP, VERSION, PLURAL, copy.deepcopy(doc), dry_run="All",
-            field_validation="Strict" if strict else "Ignore")
+            GROUP, VERSION, PLURAL, copy.deepcopy(doc), dry_run="All", field_validation="Strict" if strict else "Ignore"
+        )
         return result
 
     def refusal(self, doc: dict[str, Any]) -> str:
@@ -66,8 +66,10 @@ class Server:
 def server() -> Server:
     kubeconfig = os.environ.get("AUTOTEK_TEST_KUBECONFIG")
     if not kubeconfig:
-        pytest.skip("no real API server: set KUBEBUILDER_ASSETS (or AUTOTEK_TEST_KUBECONFIG) to run the cluster "
-                    "CRD tables against kube-apiserver")
+        pytest.skip(
+            "no real API server: set KUBEBUILDER_ASSETS (or AUTOTEK_TEST_KUBECONFIG) to run the cluster "
+            "CRD tables against kube-apiserver"
+        )
     s = Server(Path(kubeconfig))
     s.install_crds()
     return s
@@ -127,16 +129,18 @@ def test_the_cluster_rules_are_all_exercised(cluster_schema: dict[str, Any]) -> 
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[case.id for case in INVALID])
-def test_api_server_rejects_invalid_resource_with_reason(server: Server, cluster_schema: dict[str, Any],
-                                                         case: Case) -> None:
+def test_api_server_rejects_invalid_resource_with_reason(
+    server: Server, cluster_schema: dict[str, Any], case: Case
+) -> None:
     message = server.refusal(resource(copy.deepcopy(case.spec), name=f"bad-{uuid.uuid4().hex[:8]}"))
     for phrase in phrases(cluster_schema, case):
         assert phrase in message, f"{case.id}: expected {phrase!r} in the API server's error:\n{message}"
 
 
 @pytest.mark.parametrize(("label", "spec"), VALID, ids=[label for label, _ in VALID])
-def test_api_server_admits_valid_variant(server: Server, cluster_schema: dict[str, Any], label: str,
-                                         spec: dict[str, Any]) -> None:
+def test_api_server_admits_valid_variant(
+    server: Server, cluster_schema: dict[str, Any], label: str, spec: dict[str, Any]
+) -> None:
     stored = server.create(resource(copy.deepcopy(spec)))
     # What the API server stores is what crdcheck predicts (defaults, pruning).
     assert stored["spec"] == crdcheck.admit(resource(copy.deepcopy(spec)), cluster_schema).stored["spec"]
@@ -155,10 +159,21 @@ def test_api_server_prunes_unknown_fields(server: Server) -> None:
     spec["clientSecretRef"]["extra"] = "x"
     spec["namespaceSelector"] = {"matchLabels": {"a": "b"}, "namespaces": ["x"]}
     stored = server.create(resource(spec), strict=False)
-    assert set(stored["spec"]) == {"clientSecretRef", "namespaces", "namespaceSelector", "tokenURL",
-                                   "clientAuthMethod", "target", "refresh"}
-    assert stored["spec"]["clientSecretRef"] == {"namespace": "autotek-system", "name": "autotek-client",
-                                                 "clientIdKey": "client_id", "clientSecretKey": "client_secret"}
+    assert set(stored["spec"]) == {
+        "clientSecretRef",
+        "namespaces",
+        "namespaceSelector",
+        "tokenURL",
+        "clientAuthMethod",
+        "target",
+        "refresh",
+    }
+    assert stored["spec"]["clientSecretRef"] == {
+        "namespace": "autotek-system",
+        "name": "autotek-client",
+        "clientIdKey": "client_id",
+        "clientSecretKey": "client_secret",
+    }
     assert stored["spec"]["namespaceSelector"] == {"matchLabels": {"a": "b"}}
 
 
@@ -169,13 +184,18 @@ def test_api_server_serves_the_kind_cluster_scoped(server: Server, created: list
     created.append(name)
     assert "namespace" not in obj["metadata"]
     with pytest.raises(ApiException) as exc:
-        server.custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
-                                                      resource(minimal(), name=f"{name}-ns"))
+        server.custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, resource(minimal(), name=f"{name}-ns")
+        )
     assert exc.value.status == 404
     resources = kubernetes.client.CustomObjectsApi(server.api).get_api_resources(GROUP, VERSION)
     (entry,) = [r for r in resources.resources if r.name == PLURAL]
     assert (entry.kind, entry.namespaced, entry.short_names, entry.categories) == (
-        c.CLUSTER_KIND, False, ["catc"], ["autotek"])
+        c.CLUSTER_KIND,
+        False,
+        ["catc"],
+        ["autotek"],
+    )
 
 
 def test_api_server_admits_the_status_example(server: Server, created: list[str]) -> None:
@@ -184,8 +204,8 @@ def test_api_server_admits_the_status_example(server: Server, created: list[str]
     server.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, resource(minimal(), name=name))
     created.append(name)
     patched = server.custom.patch_cluster_custom_object_status(
-        GROUP, VERSION, PLURAL, name, {"status": STATUS}, dry_run="All",
-        _content_type="application/merge-patch+json")
+        GROUP, VERSION, PLURAL, name, {"status": STATUS}, dry_run="All", _content_type="application/merge-patch+json"
+    )
     assert patched["status"] == STATUS
 
 
@@ -196,6 +216,12 @@ def test_api_server_bounds_failed_namespaces(server: Server, created: list[str])
     too_many = [{"namespace": f"n{i:02d}", "reason": "TargetConflict"} for i in range(c.MAX_FAILED_NAMESPACES + 1)]
     with pytest.raises(ApiException) as exc:
         server.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, PLURAL, name, {"status": {"failedNamespaces": too_many}}, dry_run="All",
-            _content_type="application/merge-patch+json")
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            {"status": {"failedNamespaces": too_many}},
+            dry_run="All",
+            _content_type="application/merge-patch+json",
+        )
     assert "status.failedNamespaces: Too many" in json.loads(exc.value.body)["message"]

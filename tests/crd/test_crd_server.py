@@ -47,7 +47,8 @@ class Server:
         body = copy.deepcopy(doc)
         body["metadata"]["namespace"] = self.namespace
         result: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, body, dry_run="All", field_validation="Strict")
+            GROUP, VERSION, self.namespace, PLURAL, body, dry_run="All", field_validation="Strict"
+        )
         return result
 
     def refusal(self, doc: dict[str, Any]) -> str:
@@ -65,8 +66,10 @@ class Server:
 def server() -> Iterator[Server]:
     kubeconfig = os.environ.get("AUTOTEK_TEST_KUBECONFIG")
     if not kubeconfig:
-        pytest.skip("no real API server: set KUBEBUILDER_ASSETS (or AUTOTEK_TEST_KUBECONFIG) to run the CRD "
-                    "tables against kube-apiserver")
+        pytest.skip(
+            "no real API server: set KUBEBUILDER_ASSETS (or AUTOTEK_TEST_KUBECONFIG) to run the CRD "
+            "tables against kube-apiserver"
+        )
     s = Server(Path(kubeconfig))
     s.install_crd()
     s.core.create_namespace({"metadata": {"name": s.namespace}})
@@ -155,18 +158,24 @@ def test_api_server_admits_valid_variant(server: Server, label: str, spec: dict[
 def test_api_server_admits_example_credential(server: Server, filename: str, doc: dict[str, Any]) -> None:
     assert doc["kind"] == c.KIND
     stored = server.create(doc)
-    assert stored["spec"]["clientSecretRef"] == {**{"clientIdKey": "client_id", "clientSecretKey": "client_secret"},
-                                                 **doc["spec"]["clientSecretRef"]}
+    assert stored["spec"]["clientSecretRef"] == {
+        **{"clientIdKey": "client_id", "clientSecretKey": "client_secret"},
+        **doc["spec"]["clientSecretRef"],
+    }
 
 
 def test_api_server_prunes_what_crdcheck_prunes(server: Server) -> None:
     """Without strict field validation an unknown field is dropped, as crdcheck's lenient mode does."""
     body = resource({"clientSecretRef": {"name": "autotek-client", "namespace": "other"}})
     body["metadata"]["namespace"] = server.namespace
-    stored = server.custom.create_namespaced_custom_object(GROUP, VERSION, server.namespace, PLURAL, body,
-                                                           dry_run="All", field_validation="Ignore")
-    assert stored["spec"]["clientSecretRef"] == {"name": "autotek-client", "clientIdKey": "client_id",
-                                                 "clientSecretKey": "client_secret"}
+    stored = server.custom.create_namespaced_custom_object(
+        GROUP, VERSION, server.namespace, PLURAL, body, dry_run="All", field_validation="Ignore"
+    )
+    assert stored["spec"]["clientSecretRef"] == {
+        "name": "autotek-client",
+        "clientIdKey": "client_id",
+        "clientSecretKey": "client_secret",
+    }
 
 
 def test_api_server_admits_the_status_example(server: Server) -> None:
@@ -176,6 +185,13 @@ def test_api_server_admits_the_status_example(server: Server) -> None:
     body["metadata"]["namespace"] = server.namespace
     server.custom.create_namespaced_custom_object(GROUP, VERSION, server.namespace, PLURAL, body)
     patched = server.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, server.namespace, PLURAL, name, {"status": STATUS}, dry_run="All",
-        _content_type="application/merge-patch+json")
+        GROUP,
+        VERSION,
+        server.namespace,
+        PLURAL,
+        name,
+        {"status": STATUS},
+        dry_run="All",
+        _content_type="application/merge-patch+json",
+    )
     assert patched["status"] == STATUS

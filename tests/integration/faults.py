@@ -88,8 +88,10 @@ WIDTHS = (34, 44, 64, 15)
 
 def table_lines() -> list[str]:
     header = ("fault", "expected", "observed", "recovery")
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, WIDTHS, strict=True)).rstrip(),
-             "  ".join("-" * w for w in WIDTHS)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, WIDTHS, strict=True)).rstrip(),
+        "  ".join("-" * w for w in WIDTHS),
+    ]
     for r in ROWS:
         cells = (r.fault + ("" if r.passed else " [FAILED]"), r.expected, r.observed, r.recovery)
         wrapped = [textwrap.wrap(c, w) or [""] for c, w in zip(cells, WIDTHS, strict=True)]
@@ -159,16 +161,20 @@ class CA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(hours=1))
             .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self.key, hashes.SHA256())
         )
         cert_path, key_path = workdir / f"{name}.crt", workdir / f"{name}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert_path), str(key_path))
         return ctx
@@ -187,9 +193,20 @@ def make_ca(name: str) -> CA:
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return CA(key, cert)
@@ -265,7 +282,8 @@ class Route:
             return False
         cid, _, csecret = raw.partition(":")
         return secrets.compare_digest(unquote_plus(cid), self.client_id) and secrets.compare_digest(
-            unquote_plus(csecret), self.client_secret)
+            unquote_plus(csecret), self.client_secret
+        )
 
     def tokens(self) -> list[str | None]:
         """The token each request was answered with (None: not a token of ours)."""
@@ -405,8 +423,12 @@ class FaultServer:
     def listen(self) -> None:
         self.listening = True
         self._server.server_activate()
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name=f"fault-server-{self.port}")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name=f"fault-server-{self.port}",
+        )
         self._thread.start()
 
     def pause(self) -> None:
@@ -458,8 +480,9 @@ class TCPProxy:
 
     def _start(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, args=(self._listener, self._stop), daemon=True,
-                                        name="api-proxy")
+        self._thread = threading.Thread(
+            target=self._accept, args=(self._listener, self._stop), daemon=True, name="api-proxy"
+        )
         self._thread.start()
 
     def _accept(self, listener: socket.socket, stop: threading.Event) -> None:
@@ -577,8 +600,11 @@ class Snapshot:
         return (self.data(ns, name) or {}).get("access_token")
 
     def events_for(self, ns: str, name: str, reason: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.events.get(ns, []) if (e.get("involvedObject") or {}).get("name") == name
-                and (reason is None or e.get("reason") == reason)]
+        return [
+            e
+            for e in self.events.get(ns, [])
+            if (e.get("involvedObject") or {}).get("name") == name and (reason is None or e.get("reason") == reason)
+        ]
 
 
 @dataclass
@@ -646,8 +672,9 @@ class Observer:
                 t_creds = time.time()
                 creds = {}
                 for ns in self.namespaces:
-                    for item in self._list(self.cluster.custom.list_namespaced_custom_object, GROUP, VERSION, ns,
-                                           PLURAL):
+                    for item in self._list(
+                        self.cluster.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL
+                    ):
                         creds[(ns, item["metadata"]["name"])] = item
                 t_secrets = time.time()
                 secrets_ = {}
@@ -655,8 +682,9 @@ class Observer:
                     for item in self._list(self.cluster.core.list_namespaced_secret, ns):
                         secrets_[(ns, item["metadata"]["name"])] = item
                 if time.time() - self._events_at > 1.0:
-                    self._events = {ns: self._list(self.cluster.core.list_namespaced_event, ns)
-                                    for ns in self.namespaces}
+                    self._events = {
+                        ns: self._list(self.cluster.core.list_namespaced_event, ns) for ns in self.namespaces
+                    }
                     self._events_at = time.time()
                 seq += 1
                 snap = Snapshot(seq, t_creds, t_secrets, time.time(), creds, secrets_, self._events)
@@ -700,8 +728,10 @@ class Observer:
                 TOTALS["token_checks"] += 1
                 if problem:
                     TOTALS["tokens_lost"] += 1
-                    g.losses.append(f"{g.label}: {problem} at {snap.t_secrets:.1f}, "
-                                    f"{g.expires_at - snap.t_secrets:.1f}s before expiry")
+                    g.losses.append(
+                        f"{g.label}: {problem} at {snap.t_secrets:.1f}, "
+                        f"{g.expires_at - snap.t_secrets:.1f}s before expiry"
+                    )
 
     def guard(self, ns: str, secret: str, label: str) -> Guard:
         """Guard the token now in ``ns/secret`` until it expires (or ``stop()``)."""
@@ -751,8 +781,17 @@ class Observer:
 # -- an HTTP(S) proxy in front of the API server that can cut watches and expire resourceVersions ----------
 
 
-_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "host",
-                "content-length", "trailer"}
+_HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-length",
+    "trailer",
+}
 
 
 class _APIHandler(BaseHTTPRequestHandler):
@@ -772,8 +811,15 @@ class _APIHandler(BaseHTTPRequestHandler):
         verdict = owner.verdict(url.path, query, watching, listing)
         if verdict is not None:
             status, reason = verdict
-            doc = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": reason,
-                   "reason": "Expired" if status == 410 else "ServiceUnavailable", "code": status}
+            doc = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": reason,
+                "reason": "Expired" if status == 410 else "ServiceUnavailable",
+                "code": status,
+            }
             self._reply(status, json.dumps(doc).encode())
             return
         conn = owner.upstream_connection(timeout=120 if watching else 30)
@@ -882,7 +928,8 @@ class APIProxy:
             self.upstream_tls = ssl.create_default_context()
             if cluster.get("certificate-authority-data"):
                 self.upstream_tls.load_verify_locations(
-                    cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+                    cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+                )
             elif cluster.get("certificate-authority"):
                 self.upstream_tls.load_verify_locations(cafile=cluster["certificate-authority"])
             self.server_name = cluster.get("tls-server-name") or self.host
@@ -896,8 +943,9 @@ class APIProxy:
         self.answered: list[tuple[float, str, int]] = []
         self._server = _APIServer(self)
         self.port = int(self._server.server_address[1])
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-                         name="api-proxy-http").start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="api-proxy-http"
+        ).start()
         cluster["server"] = f"{self.scheme}://127.0.0.1:{self.port}{url.path}"
         cluster.pop("tls-server-name", None)
         if self.tls is not None:
