@@ -135,6 +135,14 @@ class Transport:
         self.config = api_client.configuration
         self.pool = api_client.rest_client.pool_manager
         self.base = self.config.host.rstrip("/")
+        # Without a proxy, every call goes to one host: its connection pool, taken once, is given the
+        # path alone (no URL parsed and no pool looked up per call). Through a proxy, the manager.
+        self._direct: urllib3.HTTPConnectionPool | None = None
+        self._prefix = ""
+        if type(self.pool) is urllib3.PoolManager:
+            url = urllib3.util.parse_url(self.base)
+            self._direct = self.pool.connection_from_host(url.host, port=url.port, scheme=url.scheme)
+            self._prefix = (url.path or "").rstrip("/")
         self.user_agent = str(api_client.default_headers.get("User-Agent") or c.MANAGER)
         self._auth: str | None = None
         self._auth_at = -math.inf
@@ -166,19 +174,31 @@ class Transport:
         auth = self.authorization()
         if auth:
             headers["Authorization"] = auth
-        url = self.base + path
-        if query:
-            url += "?" + urlencode(query)
-        resp = self.pool.request(
-            method,
-            url,
-            body=data,
-            headers=headers,
-            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-            retries=False,
-            redirect=False,
-            preload_content=True,
-        )
+        target = path if not query else path + "?" + urlencode(query)
+        limits = urllib3.Timeout(connect=timeout[0], read=timeout[1])
+        if self._direct is not None:
+            resp = self._direct.urlopen(
+                method,
+                self._prefix + target,
+                body=data,
+                headers=headers,
+                timeout=limits,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=True,
+            )
+        else:
+            resp = self.pool.request(
+                method,
+                self.base + target,
+                body=data,
+                headers=headers,
+                timeout=limits,
+                retries=False,
+                redirect=False,
+                preload_content=True,
+            )
         if not 200 <= resp.status <= 299:
             exc = ApiException(status=resp.status, reason=resp.reason)
             exc.headers = resp.headers  # Retry-After; the body (which could echo data) is not kept

@@ -197,3 +197,17 @@ def test_a_deleted_or_terminating_namespace_is_told_apart(
         k.create_secret("ns", {"metadata": {"name": "x"}, "data": {"k": SECRET_DATA}})
     assert isinstance(caught.value, NamespaceGone) is gone
     assert SECRET_DATA not in str(caught.value) and caught.value.__cause__ is None
+
+
+def test_a_base_path_is_kept_and_a_proxy_goes_through_the_manager(serve: Callable[..., _Server]) -> None:
+    """An API server behind a path prefix (a Rancher-style proxy URL) gets the prefix on every call; with
+    a proxy configured the calls go through the client's proxy manager, not a direct pool."""
+    server = serve(_ok)
+    k = kube.Kube(_client(server.url + "/k8s/clusters/c-1/"))
+    k.get_secret("ns", "s")
+    assert [path for _, path, _, _ in server.seen] == ["/k8s/clusters/c-1/api/v1/namespaces/ns/secrets/s"]
+    assert k.api_client._direct is not None
+    config = kubernetes.client.Configuration(host="https://api.example.invalid")
+    config.proxy = server.url
+    proxied = kube.Transport(kubernetes.client.ApiClient(config))
+    assert isinstance(proxied.pool, urllib3.ProxyManager) and proxied._direct is None
