@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import crdcheck
+import crdkit
 import kubernetes
 import pytest
+from crdkit import Case
 from kubernetes.client.exceptions import ApiException
 from test_cluster_crd import EXAMPLES, INVALID, STATUS, VALID, minimal, resource
-from test_crd import Case
-from test_crd_server import SERVER_EXPECT, server_phrase
+from test_crd_server import SERVER_EXPECT
 
 import controlplane
 from autotek_operator import constants as c
@@ -33,50 +31,17 @@ from autotek_operator import constants as c
 GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.CLUSTER_PLURAL
 
 
-class Server:
-    """The admin client of the cluster."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        self.api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
-        self.custom = kubernetes.client.CustomObjectsApi(self.api)
-
-    def install_crds(self) -> None:
-        """Create both CRDs unless they exist (other workers share them; never deleted) and wait for them."""
-        controlplane.install_crds(self.api, [crdcheck.load_crd(), crdcheck.load_crd(crdcheck.CLUSTER_CRD_PATH)])
-
-    def create(self, doc: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
-        """Create ``doc`` (dry run; strict field validation unless told otherwise); the stored object."""
-        result: dict[str, Any] = self.custom.create_cluster_custom_object(
-            GROUP, VERSION, PLURAL, copy.deepcopy(doc), dry_run="All", field_validation="Strict" if strict else "Ignore"
-        )
-        return result
-
-    def refusal(self, doc: dict[str, Any]) -> str:
-        """The API server's message refusing ``doc``; fails if it was accepted."""
-        try:
-            self.create(doc)
-        except ApiException as exc:
-            assert exc.status in (400, 422), f"unexpected HTTP {exc.status}: {exc.body}"
-            message: str = json.loads(exc.body)["message"]
-            return message
-        raise AssertionError(f"the API server accepted {doc['spec']!r}")
-
-
 @pytest.fixture(scope="module")
-def server() -> Server:
-    kubeconfig = os.environ.get("AUTOTEK_TEST_KUBECONFIG")
-    if not kubeconfig:
-        pytest.skip(
-            "no real API server: set KUBEBUILDER_ASSETS (or AUTOTEK_TEST_KUBECONFIG) to run the cluster "
-            "CRD tables against kube-apiserver"
-        )
-    s = Server(Path(kubeconfig))
-    s.install_crds()
+def server() -> crdkit.Server:
+    """The admin client of the cluster, creating cluster-scoped objects."""
+    s = crdkit.Server(crdkit.kubeconfig_or_skip("cluster CRD"), GROUP, VERSION, PLURAL)
+    # Both CRDs are created unless they exist (other workers share them; never deleted).
+    controlplane.install_crds(s.api, [crdcheck.load_crd(), crdcheck.load_crd(crdcheck.CLUSTER_CRD_PATH)])
     return s
 
 
 @pytest.fixture()
-def created(server: Server) -> Iterator[list[str]]:
+def created(server: crdkit.Server) -> Iterator[list[str]]:
     """Names of objects a test really created; deleted afterwards (cluster-scoped: nobody else would)."""
     names: list[str] = []
     yield names
@@ -88,31 +53,12 @@ def created(server: Server) -> Iterator[list[str]]:
                 raise
 
 
-# -- what Kubernetes says for each problem --------------------------------------------------------
-
-
-def _rule_message(schema: dict[str, Any], path: str, text: str) -> str:
-    """The message of the rule containing ``text`` on the node of ``path`` (list indices as ``[]``)."""
-    node_path = re.sub(r"\[\d+\]", "[]", path)
-    found = [r["message"] for p, r in crdcheck.all_rules(schema) if p == node_path and text in r["message"]]
-    assert len(found) == 1, f"rules at {node_path} mentioning {text!r}: {found}"
-    return found[0]
+# -- what Kubernetes says for each problem (crdkit.server_phrase) ---------------------------------
 
 
 def phrases(schema: dict[str, Any], case: Case) -> list[str]:
     """What kube-apiserver's error must contain for ``case``."""
-    expect = SERVER_EXPECT.get(case.id.removeprefix("namespaced: "), case.expect)
-    out = []
-    for path, kind, text in expect:
-        if kind == "conversion":
-            out.append(text)
-        elif kind == "rule":
-            out.append(_rule_message(schema, path, text))
-        elif kind == "duplicate":
-            out.append(f"{path}: Duplicate value")
-        else:
-            out.append(server_phrase(schema, path, kind, text))
-    return out
+    return crdkit.server_phrases(schema, SERVER_EXPECT.get(case.id.removeprefix("namespaced: "), case.expect))
 
 
 def test_every_case_has_server_phrases(cluster_schema: dict[str, Any]) -> None:
@@ -130,7 +76,7 @@ def test_the_cluster_rules_are_all_exercised(cluster_schema: dict[str, Any]) -> 
 
 @pytest.mark.parametrize("case", INVALID, ids=[case.id for case in INVALID])
 def test_api_server_rejects_invalid_resource_with_reason(
-    server: Server, cluster_schema: dict[str, Any], case: Case
+    server: crdkit.Server, cluster_schema: dict[str, Any], case: Case
 ) -> None:
     message = server.refusal(resource(copy.deepcopy(case.spec), name=f"bad-{uuid.uuid4().hex[:8]}"))
     for phrase in phrases(cluster_schema, case):
@@ -139,7 +85,7 @@ def test_api_server_rejects_invalid_resource_with_reason(
 
 @pytest.mark.parametrize(("label", "spec"), VALID, ids=[label for label, _ in VALID])
 def test_api_server_admits_valid_variant(
-    server: Server, cluster_schema: dict[str, Any], label: str, spec: dict[str, Any]
+    server: crdkit.Server, cluster_schema: dict[str, Any], label: str, spec: dict[str, Any]
 ) -> None:
     stored = server.create(resource(copy.deepcopy(spec)))
     # What the API server stores is what crdcheck predicts (defaults, pruning).
@@ -147,13 +93,13 @@ def test_api_server_admits_valid_variant(
 
 
 @pytest.mark.parametrize(("filename", "doc"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
-def test_api_server_admits_example(server: Server, filename: str, doc: dict[str, Any]) -> None:
+def test_api_server_admits_example(server: crdkit.Server, filename: str, doc: dict[str, Any]) -> None:
     assert doc["kind"] == c.CLUSTER_KIND
     stored = server.create(doc)
     assert stored["spec"]["clientSecretRef"]["namespace"] == doc["spec"]["clientSecretRef"]["namespace"]
 
 
-def test_api_server_prunes_unknown_fields(server: Server) -> None:
+def test_api_server_prunes_unknown_fields(server: crdkit.Server) -> None:
     """Without strict field validation unknown fields are dropped, rolloutRestartTargets among them."""
     spec = minimal(rolloutRestartTargets=[{"kind": "Deployment", "name": "web"}], junk=1)
     spec["clientSecretRef"]["extra"] = "x"
@@ -177,7 +123,7 @@ def test_api_server_prunes_unknown_fields(server: Server) -> None:
     assert stored["spec"]["namespaceSelector"] == {"matchLabels": {"a": "b"}}
 
 
-def test_api_server_serves_the_kind_cluster_scoped(server: Server, created: list[str]) -> None:
+def test_api_server_serves_the_kind_cluster_scoped(server: crdkit.Server, created: list[str]) -> None:
     """Created without a namespace; listed by its short name's resource; a namespaced path does not exist."""
     name = f"scope-{uuid.uuid4().hex[:6]}"
     obj = server.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, resource(minimal(), name=name))
@@ -198,7 +144,7 @@ def test_api_server_serves_the_kind_cluster_scoped(server: Server, created: list
     )
 
 
-def test_api_server_admits_the_status_example(server: Server, created: list[str]) -> None:
+def test_api_server_admits_the_status_example(server: crdkit.Server, created: list[str]) -> None:
     """The status subresource is written by the operator; its schema must accept a full status."""
     name = f"status-{uuid.uuid4().hex[:6]}"
     server.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, resource(minimal(), name=name))
@@ -209,7 +155,7 @@ def test_api_server_admits_the_status_example(server: Server, created: list[str]
     assert patched["status"] == STATUS
 
 
-def test_api_server_bounds_failed_namespaces(server: Server, created: list[str]) -> None:
+def test_api_server_bounds_failed_namespaces(server: crdkit.Server, created: list[str]) -> None:
     name = f"bound-{uuid.uuid4().hex[:6]}"
     server.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, resource(minimal(), name=name))
     created.append(name)

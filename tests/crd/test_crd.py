@@ -9,13 +9,14 @@ which must reject it too: the operator double-checks what an API emulator lets t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import crdcheck
+import crdkit
 import pytest
 import re2
 from crdcheck import Problem, admit
+from crdkit import Case, operator_rejects
 
 from autotek_operator import constants as c
 from autotek_operator import spec as spec_module
@@ -30,12 +31,7 @@ PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ0E=\n-----END CERTIFICA
 
 
 def resource(spec: Any, name: str = "autotek") -> dict[str, Any]:
-    return {
-        "apiVersion": "autotek.io/v1alpha1",
-        "kind": "AutoTekCredential",
-        "metadata": {"name": name, "namespace": "shop"},
-        "spec": spec,
-    }
+    return crdkit.resource("AutoTekCredential", spec, name, namespace="shop")
 
 
 def minimal(**fields: Any) -> dict[str, Any]:
@@ -43,24 +39,7 @@ def minimal(**fields: Any) -> dict[str, Any]:
     return {"clientSecretRef": {"name": "autotek-client"}, **fields}
 
 
-def operator_rejects(spec: Any, name: str = "autotek") -> bool:
-    try:
-        parse_spec(spec, name=name)
-    except InvalidSpec:
-        return True
-    return False
-
-
-def example_credentials() -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for path in sorted(crdcheck.EXAMPLES_DIR.glob("*.yaml")):
-        for doc in crdcheck.load_documents(path):
-            if doc.get("kind") == c.KIND:
-                out.append((path.name, doc))
-    return out
-
-
-EXAMPLES = example_credentials()
+EXAMPLES = crdkit.examples(c.KIND)
 
 
 # ============================================================================================
@@ -521,16 +500,6 @@ def test_pod_example_mounts_the_token_securely():
 # Invalid resources
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    spec: Any
-    expect: tuple[tuple[str, str, str], ...]  # (path, kind, text in the message), all must appear
-    # "reject": the operator's parser must raise InvalidSpec too; "schema-only": a size limit only
-    # the schema enforces (for the CEL cost budget); anything else: a known spec.py disagreement.
-    operator: str = "reject"
-
-
 def _duration_problems(path: str, rule_text: str = "must be a duration") -> tuple[tuple[str, str, str], ...]:
     return ((path, "pattern", "does not match"), (path, "rule", rule_text))
 
@@ -758,21 +727,10 @@ INVALID = [
 
 @pytest.mark.parametrize("case", INVALID, ids=[case.id for case in INVALID])
 def test_invalid_resource_is_rejected_with_reason(schema, case):
-    result = admit(resource(copy.deepcopy(case.spec)), schema)
-    assert not result.allowed
-    for path, kind, text in case.expect:
-        assert any(p.path == path and p.kind == kind and text in p.message for p in result.problems), (
-            f"expected {kind} at {path} ({text!r}); got:\n{result.explain()}"
-        )
+    crdkit.assert_refused_with_reason(resource(copy.deepcopy(case.spec)), schema, case)
 
 
-def _operator_param(case: Case) -> Any:
-    if case.operator in ("reject", "schema-only"):
-        return pytest.param(case, id=case.id)
-    return pytest.param(case, id=case.id, marks=pytest.mark.xfail(reason=case.operator, strict=True))
-
-
-@pytest.mark.parametrize("case", [_operator_param(case) for case in INVALID if case.operator != "schema-only"])
+@pytest.mark.parametrize("case", crdkit.operator_params(INVALID))
 def test_operator_rejects_what_the_schema_rejects(case):
     assert operator_rejects(copy.deepcopy(case.spec)), f"parse_spec accepted {case.spec!r}"
 

@@ -359,8 +359,40 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (a timeout, a refused body): that is the point of some faults
 
 
-class _Server(ThreadingHTTPServer):
+class _LoopbackServer(ThreadingHTTPServer):
+    """A threaded HTTP server on 127.0.0.1 for one ``owner``, over TLS while ``owner.tls`` is a server
+    SSLContext (read for every connection, so that it can be swapped at run time), else plain HTTP."""
+
     daemon_threads = True
+    owner: FaultServer | APIProxy
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """The TLS handshake first (10 s at the most; then no timeout but the handler's own), then the
+        handler on the connection. A failed handshake ends the connection quietly: e.g. the client does
+        not trust our certificate, which is the fault under test."""
+        tls = self.owner.tls
+        conn = request
+        if tls is not None:
+            request.settimeout(10)
+            try:
+                conn = tls.wrap_socket(request, server_side=True)
+            except OSError:
+                return
+            conn.settimeout(None)
+        try:
+            self.RequestHandlerClass(conn, client_address, self)
+        finally:
+            if conn is not request:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class _Server(_LoopbackServer):
     request_queue_size = 64
 
     def __init__(self, owner: FaultServer, sock: socket.socket | None) -> None:
@@ -375,27 +407,6 @@ class _Server(ThreadingHTTPServer):
         self.server_address = self.socket.getsockname()
 
     def server_bind(self) -> None:  # never resolve our own name (slow); binding is done in __init__
-        pass
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        tls = self.owner.tls
-        conn = request
-        if tls is not None:
-            request.settimeout(10)
-            try:
-                conn = tls.wrap_socket(request, server_side=True)
-            except OSError:
-                return  # e.g. the client does not trust our certificate: the fault under test
-        try:
-            _Handler(conn, client_address, self)
-        finally:
-            if conn is not request:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
         pass
 
 
@@ -453,6 +464,16 @@ class FaultServer:
 
 
 # -- a TCP proxy in front of the API server ---------------------------------------------------------------
+
+
+def shut_down(socks: Iterable[socket.socket]) -> None:
+    """Shut each socket down both ways, so that its peer sees the connection end at once; a socket closed
+    or disconnected already is passed over."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class TCPProxy:
@@ -516,11 +537,7 @@ class TCPProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down((src, dst))
             with self._lock:
                 for s in (src, dst):
                     if s in self._conns:
@@ -534,11 +551,7 @@ class TCPProxy:
         self._listener.close()
         with self._lock:
             conns = list(self._conns)
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_down(conns)
 
     def up(self) -> None:
         self.log.append((time.time(), "up"))
@@ -872,33 +885,10 @@ class _APIHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
 
-class _APIServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _APIServer(_LoopbackServer):
     def __init__(self, owner: APIProxy) -> None:
         self.owner = owner
         super().__init__(("127.0.0.1", 0), _APIHandler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        conn = request
-        if self.owner.tls is not None:
-            request.settimeout(10)
-            try:
-                conn = self.owner.tls.wrap_socket(request, server_side=True)
-            except OSError:
-                return
-            conn.settimeout(None)
-        try:
-            _APIHandler(conn, client_address, self)
-        finally:
-            if conn is not request:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
 
 
 class APIProxy:
@@ -977,11 +967,7 @@ class APIProxy:
         with self.lock:
             self.cutting = True
             streams = list(self.streams)
-        for sock in streams:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_down(streams)
 
     def expire(self) -> None:
         with self.lock:
