@@ -69,7 +69,7 @@ import profiling
 PHASES = ("bare", "backlog", "lean", "ready", "rotation", "idle", "restart", "dedup", "bad", "fanout", "profile")
 LEAN_THREADS = "4,8,16,32"
 LONG_LIFETIME = 3600.0
-WORKERS = 8  # AUTOTEK_WORKERS default, used by the bare loop too
+WORKERS = 16  # AUTOTEK_WORKERS default, used by the bare loop too
 MAX_CONCURRENT_TOKEN_REQUESTS = 8  # AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS default
 FANOUT_LABEL = ("autotek.io/token", "true")
 FANOUT_TARGET = "autotek-token"

@@ -35,7 +35,7 @@ class Settings:
     #: AUTOTEK_MAX_CONCURRENT_TOKEN_REQUESTS: token requests in flight at once, operator-wide.
     max_concurrent_token_requests: int = 8
     #: AUTOTEK_WORKERS: threads for blocking calls (Kubernetes API and token endpoint).
-    workers: int = 8
+    workers: int = 16
     #: AUTOTEK_WATCH_TIMEOUT: seconds a watch request stays open before it is renewed.
     watch_timeout: int = 300
     #: AUTOTEK_ROLLOUT_RESTART: true to honour spec.rolloutRestartTargets (needs the extra RBAC).

@@ -26,7 +26,7 @@ def test_defaults() -> None:
     assert s.allowed_token_urls == ("https://api.autograb.com.au/",)
     assert s.namespaces == () and s.clusterwide
     assert (s.log_format, s.log_level, s.health_port, s.metrics_port) == ("text", "INFO", 8080, 9090)
-    assert (s.http_timeout, s.max_concurrent_token_requests, s.workers) == (10.0, 8, 8)
+    assert (s.http_timeout, s.max_concurrent_token_requests, s.workers) == (10.0, 8, 16)
     assert s.leader_election is False and s.rollout_restart is False and s.restart_min_interval == 300
     assert (s.leader_election_lease_duration, s.leader_election_renew_deadline, s.leader_election_retry_period) == (
         30, 20, 5)
