@@ -175,30 +175,18 @@ class Transport:
         if auth:
             headers["Authorization"] = auth
         target = path if not query else path + "?" + urlencode(query)
-        limits = urllib3.Timeout(connect=timeout[0], read=timeout[1])
+        kw: dict[str, Any] = {
+            "body": data,
+            "headers": headers,
+            "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            "retries": False,
+            "redirect": False,
+            "preload_content": True,
+        }
         if self._direct is not None:
-            resp = self._direct.urlopen(
-                method,
-                self._prefix + target,
-                body=data,
-                headers=headers,
-                timeout=limits,
-                retries=False,
-                redirect=False,
-                assert_same_host=False,
-                preload_content=True,
-            )
+            resp = self._direct.urlopen(method, self._prefix + target, assert_same_host=False, **kw)
         else:
-            resp = self.pool.request(
-                method,
-                self.base + target,
-                body=data,
-                headers=headers,
-                timeout=limits,
-                retries=False,
-                redirect=False,
-                preload_content=True,
-            )
+            resp = self.pool.request(method, self.base + target, **kw)
         if not 200 <= resp.status <= 299:
             exc = ApiException(status=resp.status, reason=resp.reason)
             exc.headers = resp.headers  # Retry-After; the body (which could echo data) is not kept
