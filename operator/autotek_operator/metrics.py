@@ -7,6 +7,7 @@ set), never secrets or tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -113,18 +114,23 @@ class CredentialCollector:
         yield from (ready, expiration, next_refresh)
 
 
-_collector: CredentialCollector | None = None
+#: The scrape-time collectors registered so far, by class: each is registered once, its source replaced.
+_collectors: dict[type, Any] = {}
+
+
+def _report(collector: type, source: Callable[[], Iterable[Any]]) -> None:
+    found = _collectors.get(collector)
+    if found is None:
+        _collectors[collector] = found = collector(source)
+        REGISTRY.register(found)
+    else:
+        found.source = source
 
 
 def report_credentials(source: Callable[[], Iterable[CredentialSample]]) -> None:
     """Export the per-credential series from ``source`` (called at each scrape; replaces any
     previous source)."""
-    global _collector
-    if _collector is None:
-        _collector = CredentialCollector(source)
-        REGISTRY.register(_collector)
-    else:
-        _collector.source = source
+    _report(CredentialCollector, source)
 
 
 #: (name, selected, provisioned, failed) of each ClusterAutoTekCredential reported.
@@ -159,17 +165,9 @@ class ClusterNamespacesCollector:
         yield family
 
 
-_cluster_collector: ClusterNamespacesCollector | None = None
-
-
 def report_cluster_namespaces(source: Callable[[], Iterable[ClusterNamespacesSample]]) -> None:
     """Export ``autotek_cluster_credential_namespaces`` from ``source`` (replaces any previous source)."""
-    global _cluster_collector
-    if _cluster_collector is None:
-        _cluster_collector = ClusterNamespacesCollector(source)
-        REGISTRY.register(_cluster_collector)
-    else:
-        _cluster_collector.source = source
+    _report(ClusterNamespacesCollector, source)
 
 
 def serve(port: int) -> None:

@@ -114,7 +114,7 @@ def test_series_are_built_at_each_scrape_and_a_removed_credential_is_gone() -> N
 def test_report_credentials_twice_registers_once_and_uses_the_latest_source(monkeypatch: Any) -> None:
     registry = CollectorRegistry()
     monkeypatch.setattr(metrics, "REGISTRY", registry)
-    monkeypatch.setattr(metrics, "_collector", None)
+    monkeypatch.setattr(metrics, "_collectors", {})
     metrics.report_credentials(lambda: [("shop", "old", "True", 1.0, 2.0)])
     metrics.report_credentials(lambda: [("shop", "new", "False", None, 3.0)])  # a second register would raise
     text, got = scrape(registry)
