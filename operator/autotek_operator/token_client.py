@@ -547,12 +547,9 @@ class TokenClient:
         host, _, port = rest.rpartition(":")
         if scheme != "https":
             return _TrackedHTTPPool(host, int(port), maxsize=1, block=False, retries=False)
-        if context is not None:
-            return _TrackedHTTPSPool(
-                host, int(port), maxsize=1, block=False, retries=False, cert_reqs="CERT_REQUIRED", ssl_context=context
-            )
+        trust: dict[str, Any] = {"ssl_context": context} if context is not None else {"ca_certs": certifi.where()}
         return _TrackedHTTPSPool(
-            host, int(port), maxsize=1, block=False, retries=False, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where()
+            host, int(port), maxsize=1, block=False, retries=False, cert_reqs="CERT_REQUIRED", **trust
         )
 
     def request(self, req: TokenRequest) -> Token:
