@@ -38,6 +38,28 @@ class RawRequest:
 Respond = Callable[[socket.socket, RawRequest, threading.Event], None]
 
 
+def read_request(conn: socket.socket, buf: bytes = b"") -> tuple[RawRequest, bytes] | None:
+    """One HTTP/1.1 request from ``conn``, after what ``buf`` already holds of it: the request and
+    the bytes that came after it. None when the peer closes before the head is complete; a body the
+    peer cut short is returned as far as it came (shorter than its Content-Length)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return RawRequest(method, path, headers, rest[:length]), rest[length:]
+
+
 class LoopbackServer:
     """A loopback TCP server: a thread accepts connections and hands each, numbered from 1, to
     ``_handle`` on a thread of its own; leaving the ``with`` block stops it and closes them all."""
@@ -96,26 +118,10 @@ class RawServer(LoopbackServer):
     def _handle(self, conn: socket.socket, number: int) -> None:
         conn.settimeout(10)
         try:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, path, _ = lines[0].split(" ", 2)
-            headers = {}
-            for line in lines[1:]:
-                k, _, v = line.partition(":")
-                headers[k.strip().lower()] = v.strip()
-            length = int(headers.get("content-length", "0"))
-            while len(body) < length:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-            req = RawRequest(method, path, headers, body)
+            got = read_request(conn)
+            if got is None:
+                return
+            req = got[0]
             self.requests.append(req)
             self.respond(conn, req, self.stopping)
         except OSError:
@@ -163,23 +169,12 @@ class KeepAliveServer(LoopbackServer):
                 conn = self._ctx.wrap_socket(raw, server_side=True)
             buf = b""
             for req_no in itertools.count(1):
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.decode("latin-1").split("\r\n")[1:]:
-                    k, _, v = line.partition(":")
-                    if k.strip().lower() == "content-length":
-                        length = int(v.strip())
-                while len(buf) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                buf = buf[length:]
+                got = read_request(conn, buf)
+                if got is None:
+                    return
+                req, buf = got
+                if len(req.body) < int(req.headers.get("content-length", "0")):
+                    return  # closed in the middle of the body
                 fate = self.behave(number, req_no)
                 if fate == "hang up":
                     return
@@ -194,7 +189,7 @@ class KeepAliveServer(LoopbackServer):
                     drip(conn, answer, 0.2, self.stopping)
                     return
                 conn.sendall(answer)
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError, ValueError):  # ValueError: not an HTTP request line
             pass
         finally:
             try:
