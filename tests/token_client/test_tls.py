@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import certifi
 import pytest
@@ -65,13 +67,20 @@ def test_bundles_do_not_leak_between_requests(tls_broker: BrokerServer, pki: PKI
     assert tls_broker.stats()["count"] == 1
 
 
-def test_certificate_for_another_address_fails(pki: PKI, make_client, tmp_path) -> None:
+@contextlib.contextmanager
+def broker_for_another_address(pki: PKI, tmp_path: Path) -> Iterator[BrokerServer]:
+    """A token endpoint on 127.0.0.1 whose certificate, signed by the test CA, names 127.0.0.2 only."""
     cert_pem, key_pem = make_server_cert(pki.ca, ips=["127.0.0.2"])
     (tmp_path / "c.pem").write_bytes(cert_pem)
     (tmp_path / "k.pem").write_bytes(key_pem)
     with BrokerServer(
         {CLIENT_ID: CLIENT_SECRET}, tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "k.pem")
     ) as broker:
+        yield broker
+
+
+def test_certificate_for_another_address_fails(pki: PKI, make_client, tmp_path) -> None:
+    with broker_for_another_address(pki, tmp_path) as broker:
         with pytest.raises(errors.TokenEndpointUnavailable) as info:
             make_client(broker.url).request(_req(broker, pki.ca.pem))
         assert "TLS" in str(info.value)
@@ -122,12 +131,7 @@ def test_certifi_s_bundle_is_what_verifies_without_ca_bundle(
     monkeypatch.setattr(certifi, "where", lambda: str(pki.files["ca"]))
     assert make_client(tls_broker.url).request(_req(tls_broker)).access_token
     # ...and its name still checked.
-    cert_pem, key_pem = make_server_cert(pki.ca, ips=["127.0.0.2"])
-    (tmp_path / "c.pem").write_bytes(cert_pem)
-    (tmp_path / "k.pem").write_bytes(key_pem)
-    with BrokerServer(
-        {CLIENT_ID: CLIENT_SECRET}, tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "k.pem")
-    ) as other:
+    with broker_for_another_address(pki, tmp_path) as other:
         with pytest.raises(errors.TokenEndpointUnavailable, match="TLS"):
             make_client(other.url).request(_req(other))
         assert other.stats()["count"] == 0
