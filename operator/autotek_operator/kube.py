@@ -190,7 +190,9 @@ class Transport:
         if not 200 <= resp.status <= 299:
             exc = ApiException(status=resp.status, reason=resp.reason)
             exc.headers = resp.headers  # Retry-After; the body (which could echo data) is not kept
-            exc.namespace_gone = _namespace_gone(resp.status, resp.data)  # type: ignore[attr-defined]
+            # Only a write can be refused for its namespace; a read's 404 is just "not there".
+            gone = method != "GET" and _namespace_gone(resp.status, resp.data)
+            exc.namespace_gone = gone  # type: ignore[attr-defined]
             raise exc
         return _json(resp.data)
 
