@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import http.client
-import ipaddress
 import json
 import secrets
 import socket
@@ -33,14 +32,11 @@ from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harness import GROUP, PLURAL, VERSION
 from kubernetes.client.exceptions import ApiException
 
 from autotek_operator.scheduling import BACKOFF, FLOOR_SECONDS, TRANSIENT
+from token_client import servers as pki
 
 # -- the fault table ---------------------------------------------------------------------------------
 
@@ -140,76 +136,23 @@ def attempts_within(window: float, jitter: float, slack: float = 0.0) -> int:
 # -- a private CA ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class CA:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @property
-    def pem(self) -> str:
-        return self.cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+class CA(pki.CA):
+    """A private CA (token_client.servers' own) that also makes TLS server contexts for 127.0.0.1."""
 
     def server_context(self, workdir: Path, name: str) -> ssl.SSLContext:
         """A TLS server context with a certificate for 127.0.0.1 signed by this CA."""
-        now = dt.datetime.now(dt.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        cert_pem, key_pem = pki.make_server_cert(self, name=name)
         cert_path, key_path = workdir / f"{name}.crt", workdir / f"{name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        cert_path.write_bytes(cert_pem)
+        key_path.write_bytes(key_pem)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert_path), str(key_path))
         return ctx
 
 
 def make_ca(name: str) -> CA:
-    now = dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return CA(key, cert)
+    made = pki.make_ca(name)
+    return CA(made.key, made.cert)
 
 
 # -- a token endpoint with a behaviour per route --------------------------------------------------------
