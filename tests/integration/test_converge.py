@@ -278,7 +278,9 @@ def test_credential_deleted_while_the_watch_is_broken_past_a_410(cluster: Cluste
         assert any(p.endswith("/secrets") for p in expired) and any(p.endswith("/autotekcredentials")
                                                                     for p in expired), expired
         assert log_lines(op, "resourceVersion too old; listing again")
-        assert log_lines(op, "cred-x: deleted while no operator watched; removed its keys")
+        # The operator logs the cleanup right after its write: the line may trail the Secret by a moment.
+        wait_for("the cleanup's log line", lambda: log_lines(op, "cred-x: deleted while no operator watched; "
+                                                                 "removed its keys"), timeout=10)
         assert not log_lines(op, "cred-x: deleted; cleaned up"), "the deletion came through the watch after all"
         # The relist did not report the bad Secret again, nor touch it.
         assert len(log_lines(op, f"Secret {ns}/bad carries")) == 1
